@@ -1,0 +1,290 @@
+"""Server side of a SOCKS connection as a sans-I/O state machine.
+
+Theory of operation (after h11): bytes go in with ``receive_data()``; ``next_event()``
+returns the next whole message, ``NEED_DATA`` while one is incomplete, or ``PAUSED``
+while the server owes the client an answer. The server answers with a ``send_*`` call,
+which returns the bytes to write and moves the machine on. The phase after each answer
+comes from ``_TRANSITIONS``; the one free choice, what follows a successful reply, is the
+caller's (``then=``), checked against ``_AFTER_SUCCESS``. In ``RELAY`` the codec steps
+aside: ``take_trailing_data()`` hands over bytes the client pipelined after its request.
+
+Errors: any malformed input raises RemoteProtocolError (with the reply code to send when
+one exists) and the machine enters ``CLOSED``; use ``send_error()`` to encode the
+matching failure reply for the version in use.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+from typing import Final
+
+from .constants import SOCKS4_VERSION, SOCKS5_VERSION, SOCKS6_VERSION, Method, Rep, Socks4Status
+from .errors import LocalProtocolError, RemoteProtocolError
+from .messages import (
+    ControlRequest,
+    Greeting,
+    MethodSelection,
+    Reply,
+    Request,
+    Socks4Reply,
+    Socks4Request,
+    UdpDatagram,
+    UserPassReply,
+    UserPassRequest,
+    decode_control_request,
+    decode_greeting,
+    decode_request,
+    decode_socks4_request,
+    decode_tunnel_frame,
+    decode_udp_datagram,
+    decode_userpass_request,
+    is_control_payload,
+)
+
+
+class Phase(Enum):
+    VERSION = auto()  # nothing read yet
+    GREETING = auto()
+    AUTH = auto()  # RFC 1929 sub-negotiation
+    REQUEST = auto()  # a SOCKS 5 request (again, after ADDRESS ASSOCIATE)
+    SOCKS4_REQUEST = auto()
+    BIND_WAIT = auto()  # between BIND's two replies; client bytes stay buffered
+    HOLD = auto()  # BIND MULTI holding connection: nothing more is parsed
+    UDP_CONTROL = auto()  # UDP association: control channel requests (VH-04)
+    TUNNEL = auto()  # UDP association in TUNNEL mode: framed datagrams and requests
+    RELAY = auto()  # the codec is out of the way
+    CLOSED = auto()
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+PAUSED: Final = _Sentinel("PAUSED")
+
+
+class Socks6Attempt:
+    """The client spoke SOCKS 6; answer ``send_socks6_mismatch()`` and close (profile 1)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Socks6Attempt)
+
+    def __hash__(self) -> int:
+        return hash(Socks6Attempt)
+
+
+class TunnelDatagram:
+    """A datagram that arrived framed on the TCP connection (TUNNEL mode)."""
+
+    __slots__ = ("datagram",)
+
+    def __init__(self, datagram: UdpDatagram) -> None:
+        self.datagram = datagram
+
+
+Event = (
+    Greeting
+    | UserPassRequest
+    | Request
+    | Socks4Request
+    | ControlRequest
+    | TunnelDatagram
+    | Socks6Attempt
+)
+
+# Phases in which the client's bytes are parsed, and by what.
+_PARSERS = {
+    Phase.GREETING: decode_greeting,
+    Phase.AUTH: decode_userpass_request,
+    Phase.REQUEST: decode_request,
+    Phase.SOCKS4_REQUEST: decode_socks4_request,
+    Phase.UDP_CONTROL: decode_control_request,
+}
+# Phases a successful reply may lead to, per phase the request arrived in.
+_AFTER_SUCCESS = {
+    Phase.REQUEST: {
+        Phase.REQUEST,
+        Phase.RELAY,
+        Phase.BIND_WAIT,
+        Phase.HOLD,
+        Phase.UDP_CONTROL,
+        Phase.TUNNEL,
+    },
+    Phase.BIND_WAIT: {Phase.RELAY},
+    Phase.UDP_CONTROL: {Phase.UDP_CONTROL},
+    Phase.TUNNEL: {Phase.TUNNEL},
+    Phase.SOCKS4_REQUEST: {Phase.RELAY, Phase.BIND_WAIT},
+}
+_MAX_BUFFERED = 1 << 16  # no request is longer; more unparsed bytes mean abuse
+
+
+class ServerConnection:
+    """One client connection, seen from the gateway."""
+
+    def __init__(self) -> None:
+        self.phase = Phase.VERSION
+        self.version: int | None = None
+        self._buffer = bytearray()
+        self._owed: Phase | None = None  # phase whose message awaits our answer
+
+    # -- input ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self._buffer += data
+
+    def next_event(self) -> Event | _Sentinel:
+        if self._owed is not None:
+            return PAUSED
+        phase = self.phase
+        if phase is Phase.VERSION:
+            return self._dispatch_version()
+        parser = _PARSERS.get(phase)
+        try:
+            if parser is not None:
+                got = parser(self._buffer)
+                if got is None:
+                    return self._need_data()
+                message, used = got
+                del self._buffer[:used]
+                self._owed = phase
+                return message
+            if phase is Phase.TUNNEL:
+                return self._next_tunnel_event()
+        except RemoteProtocolError:
+            self.phase = Phase.CLOSED
+            raise
+        return NEED_DATA
+
+    def _need_data(self) -> _Sentinel:
+        if len(self._buffer) > _MAX_BUFFERED:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError("oversized message")
+        return NEED_DATA
+
+    def _dispatch_version(self) -> Event | _Sentinel:
+        if not self._buffer:
+            return NEED_DATA
+        version = self._buffer[0]
+        self.version = version
+        if version == SOCKS5_VERSION:
+            self.phase = Phase.GREETING
+        elif version == SOCKS4_VERSION:
+            self.phase = Phase.SOCKS4_REQUEST
+        elif version == SOCKS6_VERSION:
+            self._owed = Phase.VERSION
+            return Socks6Attempt()
+        else:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError(f"unknown SOCKS version {version:#04x}")
+        return self.next_event()
+
+    def _next_tunnel_event(self) -> Event | _Sentinel:
+        got = decode_tunnel_frame(self._buffer)
+        if got is None:
+            return self._need_data()
+        payload, used = got
+        del self._buffer[:used]
+        if is_control_payload(payload):
+            parsed = decode_control_request(payload)
+            if parsed is None or parsed[1] != len(payload):
+                raise RemoteProtocolError("tunnel control frame length does not match")
+            self._owed = Phase.TUNNEL
+            return parsed[0]
+        return TunnelDatagram(decode_udp_datagram(payload))
+
+    # -- output -----------------------------------------------------------------------
+
+    def _answer(self, expected: set[Phase]) -> Phase:
+        owed = self._owed
+        if owed is None or owed not in expected:
+            raise LocalProtocolError(f"nothing to answer in {self.phase.name} this way")
+        self._owed = None
+        return owed
+
+    def send_socks6_mismatch(self) -> bytes:
+        self._answer({Phase.VERSION})
+        self.phase = Phase.CLOSED
+        return bytes((SOCKS6_VERSION,))
+
+    def send_method(self, method: int) -> bytes:
+        self._answer({Phase.GREETING})
+        if method == Method.NO_AUTH:
+            self.phase = Phase.REQUEST
+        elif method == Method.USERNAME_PASSWORD:
+            self.phase = Phase.AUTH
+        elif method == Method.NO_ACCEPTABLE:
+            self.phase = Phase.CLOSED
+        else:
+            raise LocalProtocolError(f"method {method:#04x} is not implemented")
+        return MethodSelection(method).encode()
+
+    def send_auth_result(self, success: bool) -> bytes:
+        self._answer({Phase.AUTH})
+        self.phase = Phase.REQUEST if success else Phase.CLOSED
+        return UserPassReply(success).encode()
+
+    def send_reply(self, reply: Reply, *, then: Phase | None = None) -> bytes:
+        """Answer a request (or, in BIND_WAIT, send BIND's second reply).
+
+        A failure reply closes the connection (profile 3); a success needs ``then``.
+        """
+        if self.phase is Phase.BIND_WAIT and self._owed is None:
+            owed = Phase.BIND_WAIT
+        else:
+            owed = self._answer({Phase.REQUEST, Phase.UDP_CONTROL, Phase.TUNNEL})
+        if reply.rep != Rep.SUCCEEDED:
+            # Control channel failures answer one request; the association lives on.
+            self.phase = owed if owed in (Phase.UDP_CONTROL, Phase.TUNNEL) else Phase.CLOSED
+            return reply.encode()
+        if then is None or then not in _AFTER_SUCCESS[owed]:
+            raise LocalProtocolError(f"a success in {owed.name} cannot lead to {then}")
+        self.phase = then
+        return reply.encode()
+
+    def send_socks4_reply(self, reply: Socks4Reply, *, then: Phase | None = None) -> bytes:
+        if self.phase is Phase.BIND_WAIT and self._owed is None:
+            owed = Phase.BIND_WAIT
+        else:
+            owed = self._answer({Phase.SOCKS4_REQUEST})
+        if reply.status != Socks4Status.GRANTED:
+            self.phase = Phase.CLOSED
+            return reply.encode()
+        if then is None or then not in _AFTER_SUCCESS[owed]:
+            raise LocalProtocolError(f"a SOCKS 4 success in {owed.name} cannot lead to {then}")
+        self.phase = then
+        return reply.encode()
+
+    def send_error(self, rep: Rep) -> bytes:
+        """The failure reply for ``rep`` in the version spoken, or b"" when none exists."""
+        self._owed = None
+        was = self.phase
+        self.phase = Phase.CLOSED
+        if self.version == SOCKS4_VERSION and was in (Phase.SOCKS4_REQUEST, Phase.BIND_WAIT):
+            return Socks4Reply(Socks4Status.REJECTED).encode()
+        if self.version == SOCKS5_VERSION and was in (
+            Phase.REQUEST,
+            Phase.BIND_WAIT,
+            Phase.UDP_CONTROL,
+            Phase.TUNNEL,
+        ):
+            return Reply(rep).encode()
+        if self.version == SOCKS5_VERSION and was is Phase.GREETING:
+            return MethodSelection(Method.NO_ACCEPTABLE).encode()
+        return b""
+
+    def take_trailing_data(self) -> bytes:
+        """Bytes the client sent after its last parsed message (e.g. pipelined payload)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    def close(self) -> None:
+        self.phase = Phase.CLOSED
+        self._owed = None
