@@ -1,0 +1,88 @@
+"""Dedicated ADDRESS ASSOCIATE, CMD X'08' (Kitamura; profile 5).
+
+DST names the target; the low octet of DST.PORT (ADR.PREF) says in which form the client
+wants it back: an ID, an IPv4 or IPv6 address (forward DNS delegation for names), or a
+name (reverse DNS delegation for addresses). FLAG X'10' overrides ADR.PREF.
+"""
+
+from __future__ import annotations
+
+import socket
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
+
+from addrmap import Target
+
+from . import policy as pol
+from .happy_eyeballs import order_addresses
+from .replies import GatewayError
+from .resolver import ResolveError, normalize_name
+from .wire import FLAG_REAL_FAMILY, Address, AddressId, Atyp, Rep, Reply, Request
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+async def address_associate(session: Session, request: Request) -> Reply:
+    gw = session.gw
+    if not gw.config.policy.may_allow(
+        client=session.client_ip, user=session.user, command=pol.Command.ASSOCIATE
+    ):
+        raise GatewayError(Rep.NOT_ALLOWED, "no rule allows ADDRESS ASSOCIATE for this client")
+    target, _ = session.target_of(request.address)
+    if not isinstance(target, str):
+        decision = gw.config.policy.check(
+            client=session.client_ip,
+            user=session.user,
+            command=pol.Command.ASSOCIATE,
+            address=target,
+        )
+        if not decision.allowed:
+            raise GatewayError(Rep.NOT_ALLOWED, f"denied by policy ({decision.reason})")
+    preference = request.port & 0xFF
+    flag = request.flag & FLAG_REAL_FAMILY
+    if flag:
+        bound: Address = await _reachable_address(session, target)
+    elif preference in (0, Atyp.ADDRESS_ID):
+        bound = AddressId(gw.table.associate(session.owner, target))
+    elif preference == Atyp.IPV4:
+        bound = await _as_family(session, target, socket.AF_INET)
+    elif preference == Atyp.IPV6:
+        bound = await _as_family(session, target, socket.AF_INET6)
+    elif preference == Atyp.DOMAIN:
+        bound = await _as_name(session, target)
+    else:
+        raise GatewayError(Rep.ADDRESS_TYPE_NOT_SUPPORTED, f"ADR.PREF {preference:#04x}")
+    return Reply(Rep.SUCCEEDED, bound, 0, flag)
+
+
+async def _as_family(session: Session, target: Target, family: int) -> Address:
+    wanted = IPv4Address if family == socket.AF_INET else IPv6Address
+    if isinstance(target, str):
+        return (await session.gw.resolver.resolve_family(target, family))[0]
+    if not isinstance(target, wanted):
+        other = 6 if wanted is IPv6Address else 4
+        raise GatewayError(
+            Rep.ADDRESS_TYPE_NOT_SUPPORTED,
+            f"IPv{target.version} address {target} has no IPv{other} form",
+        )
+    return target
+
+
+async def _as_name(session: Session, target: Target) -> Address:
+    if isinstance(target, str):
+        return target
+    name = await session.gw.resolver.reverse(target)
+    try:
+        return normalize_name(name)
+    except ResolveError:
+        raise GatewayError(Rep.HOST_UNREACHABLE, f"PTR of {target} is not a usable name") from None
+
+
+async def _reachable_address(session: Session, target: Target) -> Address:
+    """FLAG X'10': the address, in its own family, the gateway would connect to."""
+    if not isinstance(target, str):
+        return target
+    config = session.gw.config
+    addresses = await session.gw.resolver.resolve(target)
+    return order_addresses(addresses, config.resolver.prefer_family)[0]

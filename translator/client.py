@@ -1,0 +1,238 @@
+"""An asyncio SOCKS5 client with the socks64 extensions.
+
+    client = await SocksClient.open("127.0.0.1", 1080)
+    realid = await client.associate("v6.lab.test")           # an AddressId
+    address = await client.associate("v6.lab.test", pref=Atyp.IPV6)  # forward DNS
+    stream = await client.connect(realid, 80)                # the control phase ends here
+    stream.writer.write(b"GET / HTTP/1.0\\r\\n\\r\\n")
+
+The same control connection carries any number of ADDRESS ASSOCIATE requests before its
+final CONNECT or BIND (profile 5). Every byte comes from ``translator.wire``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any, TypeVar
+
+from .wire import (
+    FLAG_BIND_MULTI,
+    FLAG_BIND_PORT,
+    FLAG_REAL_FAMILY,
+    Address,
+    AddressId,
+    Atyp,
+    Command,
+    Greeting,
+    Method,
+    Rep,
+    Reply,
+    Request,
+    UserPassRequest,
+    decode_method_selection,
+    decode_reply,
+    decode_userpass_reply,
+)
+
+__all__ = ["Address", "AddressId", "Listener", "SocksClient", "SocksReplyError", "Stream"]
+
+T = TypeVar("T")
+
+
+class SocksReplyError(Exception):
+    """The gateway answered with a failure reply (``rep``) or refused the handshake."""
+
+    def __init__(self, rep: int, message: str = "") -> None:
+        name = Rep(rep).name if rep in Rep._value2member_map_ else str(rep)
+        super().__init__(message or f"SOCKS reply {rep:#04x} {name}")
+        self.rep = rep
+
+
+@dataclass
+class Stream:
+    """A relayed connection. ``bound`` is the reply's BND; ``peer`` (BIND) who connected."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    bound: tuple[Address, int]
+    peer: tuple[Address, int] | None = None
+    reply_flag: int = 0
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+@dataclass
+class Listener:
+    """A BIND in progress: ``bound`` is where the peer should connect."""
+
+    client: SocksClient
+    bound: tuple[Address, int]
+    reply_flag: int = 0
+    _accepted: bool = field(default=False, repr=False)
+
+    async def accept(self, timeout: float | None = None) -> Stream:  # noqa: ASYNC109
+        """Wait for BIND's second reply: the peer has connected."""
+        reply = await asyncio.wait_for(self.client.read_reply(), timeout)
+        self._accepted = True
+        return self.client.into_stream(reply, peer=(reply.address, reply.port))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class SocksClient:
+    """One negotiated control connection to a SOCKS5 gateway."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._buffer = bytearray()
+
+    @classmethod
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 10.0,  # noqa: ASYNC109
+        local_addr: tuple[str, int] | None = None,
+    ) -> SocksClient:
+        """Connect and negotiate; ``local_addr`` picks our source address."""
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, local_addr=local_addr), timeout
+        )
+        client = cls(reader, writer)
+        try:
+            await asyncio.wait_for(client._negotiate(username, password), timeout)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def _read(self, decode: Callable[[bytearray], tuple[T, int] | None]) -> T:
+        while True:
+            got = decode(self._buffer)
+            if got is not None:
+                message, used = got
+                del self._buffer[:used]
+                return message
+            data = await self.reader.read(4096)
+            if not data:
+                raise ConnectionError("gateway closed the connection")
+            self._buffer += data
+
+    async def _negotiate(self, username: str | None, password: str | None) -> None:
+        methods = [Method.NO_AUTH] if username is None else [Method.USERNAME_PASSWORD]
+        self.writer.write(Greeting(tuple(methods)).encode())
+        selection = await self._read(decode_method_selection)
+        if selection.method == Method.NO_ACCEPTABLE:
+            raise SocksReplyError(Rep.NOT_ALLOWED, "gateway accepted none of our methods")
+        if selection.method == Method.USERNAME_PASSWORD:
+            assert username is not None and password is not None
+            self.writer.write(UserPassRequest(username.encode(), password.encode()).encode())
+            result = await self._read(decode_userpass_reply)
+            if not result.success:
+                raise SocksReplyError(Rep.NOT_ALLOWED, "authentication failed")
+
+    async def read_reply(self) -> Reply:
+        reply = await self._read(decode_reply)
+        if reply.rep != Rep.SUCCEEDED:
+            raise SocksReplyError(reply.rep)
+        return reply
+
+    async def request(self, request: Request) -> Reply:
+        self.writer.write(request.encode())
+        await self.writer.drain()
+        return await self.read_reply()
+
+    def into_stream(self, reply: Reply, peer: tuple[Address, int] | None = None) -> Stream:
+        """Hand the connection over as a relayed stream (bytes already read go first)."""
+        if self._buffer:
+            self.reader.feed_data(bytes(self._buffer))  # pushed back for the stream's user
+            self._buffer.clear()
+        return Stream(self.reader, self.writer, (reply.address, reply.port), peer, reply.flag)
+
+    # -- the extension API -------------------------------------------------------------
+
+    async def associate(
+        self, target: Address, pref: int = Atyp.ADDRESS_ID, *, real_family: bool = False
+    ) -> Address:
+        """Dedicated ADDRESS ASSOCIATE: ``target`` in the form ADR.PREF asks for."""
+        flag = FLAG_REAL_FAMILY if real_family else 0
+        reply = await self.request(Request(Command.ADDRESS_ASSOCIATE, target, pref & 0xFF, flag))
+        return reply.address
+
+    async def resolve(self, name: str, family: int = socket.AF_INET) -> IPv4Address | IPv6Address:
+        """Forward DNS through the gateway (ADR.PREF X'01' or X'04')."""
+        pref = Atyp.IPV6 if family == socket.AF_INET6 else Atyp.IPV4
+        address = await self.associate(name, pref)
+        assert isinstance(address, IPv4Address | IPv6Address)
+        return address
+
+    async def reverse(self, address: IPv4Address | IPv6Address) -> str:
+        """Reverse DNS through the gateway (ADR.PREF X'03')."""
+        name = await self.associate(address, Atyp.DOMAIN)
+        assert isinstance(name, str)
+        return name
+
+    async def connect(
+        self, dest: Address, port: int, *, aa: bool = False, real_family: bool = False
+    ) -> Stream:
+        command = Command.CONNECT_AA if aa else Command.CONNECT
+        flag = FLAG_REAL_FAMILY if real_family else 0
+        reply = await self.request(Request(command, dest, port, flag))
+        return self.into_stream(reply)
+
+    async def bind(
+        self,
+        dest: Address,
+        port: int = 0,
+        *,
+        aa: bool = False,
+        multi: bool = False,
+        listen_port: bool = False,
+        real_family: bool = False,
+    ) -> Listener:
+        """BIND: the first reply; ``await listener.accept()`` waits for the second."""
+        flag = (
+            (FLAG_BIND_MULTI if multi else 0)
+            | (FLAG_BIND_PORT if listen_port else 0)
+            | (FLAG_REAL_FAMILY if real_family else 0)
+        )
+        command = Command.BIND_AA if aa else Command.BIND
+        reply = await self.request(Request(command, dest, port, flag))
+        return Listener(self, (reply.address, reply.port), reply.flag)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+    async def __aenter__(self) -> SocksClient:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+
+async def open_connection(
+    proxy_host: str, proxy_port: int, dest: Address, port: int, **options: Any
+) -> Stream:
+    """CONNECT through the gateway in one call (``username``/``password``/``aa``...)."""
+    auth = {k: options.pop(k) for k in ("username", "password") if k in options}
+    client = await SocksClient.open(proxy_host, proxy_port, **auth)
+    try:
+        return await client.connect(dest, port, **options)
+    except BaseException:
+        await client.close()
+        raise

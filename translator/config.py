@@ -1,0 +1,328 @@
+"""Configuration: YAML in, validated frozen dataclasses out.
+
+Every error names the offending key path (``resolver.timeout``) so ``socks64 check-config``
+can point at it. Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .policy import Policy, PolicyError
+
+DEFAULT_CONFIG_NAME = "socks64.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_endpoint(text: str, key: str = "listen") -> Endpoint:
+    """``HOST:PORT`` with an IP literal host; IPv6 as ``[::1]:1080``."""
+    text = str(text).strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ConfigError(key, f"{text!r} is not [IPv6]:PORT")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ConfigError(key, f"{text!r} is not HOST:PORT (IPv6 goes in brackets)")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(key, f"{host!r} is not an IP address") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(key, f"port {port_text!r} is not 0..65535")
+    return Endpoint(address.compressed, int(port_text))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    methods: tuple[str, ...] = ("none",)
+    users_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverConfig:
+    nameservers: tuple[str, ...] = ()
+    timeout: float = 3.0
+    tries: int = 2
+    cache_size: int = 4096
+    hosts_file: str | None = "/etc/hosts"
+    prefer: str = "ipv6"
+    happy_eyeballs_delay: float = 0.25
+
+    @property
+    def prefer_family(self) -> int:
+        return socket.AF_INET6 if self.prefer == "ipv6" else socket.AF_INET
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    handshake: float = 10.0
+    connect: float = 10.0
+    idle: float = 600.0
+    bind_accept: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_clients: int = 4096
+    max_requests_per_connection: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class AddrmapConfig:
+    ttl: float = 600.0
+    quarantine: float = 3600.0
+    per_owner: int = 4096
+    capacity: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    interface: str | None = None  # SO_BINDTODEVICE for outbound connections
+
+
+@dataclass(frozen=True, slots=True)
+class BindConfig:
+    address_v4: str | None = None
+    address_v6: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", 1080), Endpoint("::1", 1080))
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    resolver: ResolverConfig = field(default_factory=ResolverConfig)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    addrmap: AddrmapConfig = field(default_factory=AddrmapConfig)
+    bind: BindConfig = field(default_factory=BindConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    policy: Policy = field(default_factory=lambda: Policy.from_config({}))
+    source: str = "<built-in>"
+
+
+# --- validation helpers ---------------------------------------------------------------
+
+
+def _section(data: Mapping[str, Any], name: str, allowed: Sequence[str]) -> Mapping[str, Any]:
+    value = data.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(name, "must be a mapping")
+    for key in value:
+        if key not in allowed:
+            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(allowed)})")
+    return value
+
+
+def _number(
+    section: Mapping[str, Any],
+    key: str,
+    path: str,
+    default: float,
+    *,
+    minimum: int = 0,
+    integer: bool = False,
+) -> Any:
+    """A positive float, or with ``integer`` a whole number of at least ``minimum``."""
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(path, f"must be a number, not {value!r}")
+    if integer:
+        if not isinstance(value, int) or value < minimum:
+            raise ConfigError(path, f"must be a whole number >= {minimum}, not {value!r}")
+        return value
+    if value <= 0:
+        raise ConfigError(path, f"must be greater than 0, not {value!r}")
+    return float(value)
+
+
+def _optional_str(section: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = section.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(path, f"must be a string or null, not {value!r}")
+    return value
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+
+
+def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>") -> Config:
+    """Validate a parsed YAML document."""
+    data = data or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("", "the configuration must be a YAML mapping")
+    known = (
+        "listen",
+        "auth",
+        "resolver",
+        "timeouts",
+        "limits",
+        "addrmap",
+        "bind",
+        "outbound",
+        "policy",
+    )
+    for key in data:
+        if key not in known:
+            raise ConfigError(str(key), f"unknown key (known: {', '.join(known)})")
+
+    listen_raw = data.get("listen", ["127.0.0.1:1080", "[::1]:1080"])
+    if isinstance(listen_raw, str) or not isinstance(listen_raw, Sequence) or not listen_raw:
+        raise ConfigError("listen", "must be a non-empty list of HOST:PORT")
+    listen = tuple(parse_endpoint(item, f"listen[{i}]") for i, item in enumerate(listen_raw))
+
+    auth_raw = _section(data, "auth", _fields(AuthConfig))
+    methods = auth_raw.get("methods", ["none"])
+    if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
+        raise ConfigError("auth.methods", "must be a non-empty list")
+    for i, method in enumerate(methods):
+        if method not in ("none", "username"):
+            raise ConfigError(f"auth.methods[{i}]", f"unknown method {method!r} (none, username)")
+    users_file = _optional_str(auth_raw, "users_file", "auth.users_file")
+    if "username" in methods and not users_file:
+        raise ConfigError("auth.users_file", "required when auth.methods has 'username'")
+    auth = AuthConfig(tuple(methods), users_file)
+
+    res_raw = _section(data, "resolver", _fields(ResolverConfig))
+    nameservers = res_raw.get("nameservers") or []
+    if isinstance(nameservers, str) or not isinstance(nameservers, Sequence):
+        raise ConfigError("resolver.nameservers", "must be a list")
+    for i, server in enumerate(nameservers):
+        _check_nameserver(str(server), f"resolver.nameservers[{i}]")
+    prefer = res_raw.get("prefer", "ipv6")
+    if prefer not in ("ipv4", "ipv6"):
+        raise ConfigError("resolver.prefer", f"must be ipv4 or ipv6, not {prefer!r}")
+    resolver = ResolverConfig(
+        nameservers=tuple(str(s) for s in nameservers),
+        timeout=_number(res_raw, "timeout", "resolver.timeout", 3.0),
+        tries=_number(res_raw, "tries", "resolver.tries", 2, minimum=1, integer=True),
+        cache_size=_number(
+            res_raw, "cache_size", "resolver.cache_size", 4096, minimum=0, integer=True
+        ),
+        hosts_file=_optional_str(res_raw, "hosts_file", "resolver.hosts_file")
+        if "hosts_file" in res_raw
+        else "/etc/hosts",
+        prefer=prefer,
+        happy_eyeballs_delay=_number(
+            res_raw, "happy_eyeballs_delay", "resolver.happy_eyeballs_delay", 0.25
+        ),
+    )
+
+    t_raw = _section(data, "timeouts", _fields(Timeouts))
+    timeouts = Timeouts(
+        **{
+            name: _number(t_raw, name, f"timeouts.{name}", getattr(Timeouts(), name))
+            for name in _fields(Timeouts)
+        }
+    )
+    l_raw = _section(data, "limits", _fields(Limits))
+    limits = Limits(
+        **{
+            name: _number(
+                l_raw, name, f"limits.{name}", getattr(Limits(), name), minimum=1, integer=True
+            )
+            for name in _fields(Limits)
+        }
+    )
+    a_raw = _section(data, "addrmap", _fields(AddrmapConfig))
+    addrmap = AddrmapConfig(
+        ttl=_number(a_raw, "ttl", "addrmap.ttl", 600.0),
+        quarantine=_number(a_raw, "quarantine", "addrmap.quarantine", 3600.0),
+        per_owner=_number(a_raw, "per_owner", "addrmap.per_owner", 4096, minimum=1, integer=True),
+        capacity=_number(a_raw, "capacity", "addrmap.capacity", 1_000_000, minimum=1, integer=True),
+    )
+    b_raw = _section(data, "bind", _fields(BindConfig))
+    bind = BindConfig(_bind_address(b_raw, "address_v4", 4), _bind_address(b_raw, "address_v6", 6))
+    o_raw = _section(data, "outbound", _fields(OutboundConfig))
+    interface = _optional_str(o_raw, "interface", "outbound.interface")
+    if interface is not None and not 0 < len(interface.encode()) < 16:
+        raise ConfigError("outbound.interface", f"{interface!r} is not an interface name")
+    outbound = OutboundConfig(interface)
+    try:
+        policy = Policy.from_config(data.get("policy") or {}, key="policy")
+    except PolicyError as exc:
+        raise ConfigError(exc.key, str(exc)) from None
+    return Config(listen, auth, resolver, timeouts, limits, addrmap, bind, outbound, policy, source)
+
+
+def _check_nameserver(text: str, key: str) -> None:
+    host = text
+    if text.startswith("["):
+        host = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not port.isdigit():
+            raise ConfigError(key, f"bad port in {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(key, f"{text!r} is not IP, IP:PORT or [IPv6]:PORT") from None
+
+
+def _bind_address(section: Mapping[str, Any], key: str, version: int) -> str | None:
+    value = _optional_str(section, key, f"bind.{key}")
+    if value is None:
+        return None
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"bind.{key}", f"{value!r} is not an IP address") from None
+    if address.version != version:
+        raise ConfigError(f"bind.{key}", f"{value!r} is not IPv{version}")
+    return address.compressed
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load ``path``, or the embedded default config when None."""
+    if path is None:
+        text = default_config_text()
+        source = "<default>"
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+        source = str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{source}: not valid YAML: {exc}") from None
+    return config_from_mapping(data, source)
+
+
+def default_config_text() -> str:
+    """The shipped default config: config/socks64.yaml in a checkout, else the package copy."""
+    checkout = Path(__file__).resolve().parent.parent / "config" / DEFAULT_CONFIG_NAME
+    if checkout.is_file():
+        return checkout.read_text(encoding="utf-8")
+    return resources.files("translator").joinpath(DEFAULT_CONFIG_NAME).read_text("utf-8")

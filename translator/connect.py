@@ -1,0 +1,102 @@
+"""CONNECT and CONNECT+AA (RFC 1928 section 4; profile 5 and 6)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, NamedTuple
+
+from addrmap import Target
+
+from . import policy as pol
+from .addressing import IPAddress, family_of, in_client_family, sockaddr_ip
+from .happy_eyeballs import ConnectAttempt, connect_happy, connect_socket
+from .wire import FLAG_REAL_FAMILY, Address, AddressId, Phase, Rep, Reply, Request
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger("socks64.connect")
+
+
+class Outbound(NamedTuple):
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    target: Target
+    realid: int | None  # the REALID the request named, if it named one
+
+
+async def open_destination(session: Session, address: Address, port: int) -> Outbound:
+    """Resolve, check against the policy, and connect with Happy Eyeballs."""
+    config = session.gw.config
+    target, addresses, realid = await session.destination(address, port, pol.Command.CONNECT)
+    if realid is not None:
+        session.pin(realid)
+    sock = await connect_happy(
+        addresses,
+        port,
+        prefer=config.resolver.prefer_family,
+        delay=config.resolver.happy_eyeballs_delay,
+        timeout=config.timeouts.connect,
+        attempt=_attempt_via(config.outbound.interface),
+    )
+    try:
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return Outbound(reader, writer, target, realid)
+
+
+def _attempt_via(interface: str | None) -> ConnectAttempt:
+    """One connection attempt, pinned to ``interface`` when the config names one."""
+    if interface is None:
+        return connect_socket
+    device = interface.encode()
+
+    async def attempt(address: IPAddress, port: int) -> socket.socket:
+        sock = socket.socket(family_of(address), socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (address.compressed, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return attempt
+
+
+async def serve_connect(session: Session, request: Request) -> None:
+    reader, writer, target, realid = await open_destination(session, request.address, request.port)
+    try:
+        local = writer.get_extra_info("sockname")
+        if request.command.with_aa:
+            if realid is None:
+                realid = session.gw.table.associate(session.owner, target)
+                session.pin(realid)
+            bound: Address = AddressId(realid)
+        else:
+            bound = in_client_family(
+                sockaddr_ip(local),
+                session.facing_ip,
+                real_family=bool(request.flag & FLAG_REAL_FAMILY),
+            )
+        reply = Reply(Rep.SUCCEEDED, bound, int(local[1]), session.reply_flag(request))
+    except BaseException:
+        writer.close()
+        raise
+    stats = await session.relay_after(
+        session.conn.send_reply(reply, then=Phase.RELAY), (reader, writer)
+    )
+    log.debug(
+        "%s: CONNECT %s:%d done, %d bytes up, %d down%s",
+        session.label,
+        target,
+        request.port,
+        stats.to_peer,
+        stats.to_client,
+        " (idle timeout)" if stats.idle_timeout else "",
+    )
