@@ -201,15 +201,15 @@ async def accept_while_client_waits(
 ) -> tuple[socket.socket, IPAddress, int]:
     """Accept the peer, giving up when the client leaves or bind_accept runs out."""
     accept = asyncio.ensure_future(listener.accept(expected))
-    watch = asyncio.ensure_future(session.reader.read(65536))
+    watch: asyncio.Future[bytes] = asyncio.ensure_future(session.reader.read(65536))
+    handed_over = False
     try:
         async with asyncio.timeout(session.gw.config.timeouts.bind_accept):
             while True:
-                done, _ = await asyncio.wait({accept, watch}, return_when=asyncio.FIRST_COMPLETED)
-                if accept in done:
-                    result = accept.result()
-                    accept = None  # ours now: the cleanup below must not close it
-                    return result
+                await asyncio.wait((accept, watch), return_when=asyncio.FIRST_COMPLETED)
+                if accept.done():
+                    handed_over = True
+                    return accept.result()
                 data = watch.result()
                 if not data:
                     raise ClientGone("closed by client while BIND waited")
@@ -217,7 +217,7 @@ async def accept_while_client_waits(
                 watch = asyncio.ensure_future(session.reader.read(65536))
     finally:
         watch.cancel()
-        if accept is not None:
+        if not handed_over:
             accept.cancel()
             with contextlib.suppress(BaseException):
                 await accept

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "lab":
         from netnslab.cli import main as lab_main
 
-        return lab_main(args.args)
+        return int(lab_main(args.args))
     return _serve(args.config, args.listen)
 
 

@@ -14,7 +14,7 @@ from tests.conftest import HTTP_BODY, GatewayFactory, RunningGateway, need_tool
 from translator.auth import hash_password
 
 
-async def run(*argv: str, stdin: bytes = b"", timeout: float = 20.0) -> tuple[int, bytes, bytes]:
+async def run(*argv: str, stdin: bytes = b"", limit: float = 20.0) -> tuple[int, bytes, bytes]:
     process = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
@@ -22,7 +22,7 @@ async def run(*argv: str, stdin: bytes = b"", timeout: float = 20.0) -> tuple[in
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+        out, err = await asyncio.wait_for(process.communicate(stdin), limit)
     except TimeoutError:
         process.kill()
         await process.wait()

@@ -131,6 +131,7 @@ class ServerConnection:
         self.version: int | None = None
         self._buffer = bytearray()
         self._owed: Phase | None = None  # phase whose message awaits our answer
+        self._failed_in: Phase | None = None  # where bad input closed us, for send_error
 
     # -- input ------------------------------------------------------------------------
 
@@ -158,13 +159,17 @@ class ServerConnection:
             if phase is Phase.TUNNEL:
                 return self._next_tunnel_event()
         except RemoteProtocolError:
-            self.phase = Phase.CLOSED
+            self._fail()
             raise
         return NEED_DATA
 
+    def _fail(self) -> None:
+        self._failed_in = self.phase
+        self.phase = Phase.CLOSED
+
     def _need_data(self) -> _Sentinel:
         if len(self._buffer) > _MAX_BUFFERED:
-            self.phase = Phase.CLOSED
+            self._fail()
             raise RemoteProtocolError("oversized message")
         return NEED_DATA
 
@@ -264,7 +269,7 @@ class ServerConnection:
     def send_error(self, rep: Rep) -> bytes:
         """The failure reply for ``rep`` in the version spoken, or b"" when none exists."""
         self._owed = None
-        was = self.phase
+        was = self._failed_in or self.phase
         self.phase = Phase.CLOSED
         if self.version == SOCKS4_VERSION and was in (Phase.SOCKS4_REQUEST, Phase.BIND_WAIT):
             return Socks4Reply(Socks4Status.REJECTED).encode()
