@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import threading
@@ -159,3 +160,16 @@ async def echo_server() -> AsyncIterator[dict[str, int]]:
     for server in (v4, v6):
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture(autouse=True)
+def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """A failure may be logged, never crash: no ERROR records from the gateway or asyncio
+    (an uncaught task exception, a callback that raised) in any test."""
+    yield
+    errors = [
+        record
+        for record in caplog.get_records("call") + caplog.get_records("teardown")
+        if record.levelno >= logging.ERROR and record.name.split(".")[0] in ("socks64", "asyncio")
+    ]
+    assert not errors, [record.getMessage() for record in errors]

@@ -37,7 +37,10 @@ def as_target(address: Address) -> Target:
     if isinstance(address, AddressId):
         raise TypeError("an ADDRESS ID is not a target; look it up first")
     if isinstance(address, str):
-        return address.lower()
+        try:  # an IP literal sent as ATYP X'03' is that literal, not a name to look up
+            return unmapped(ip_address(address))
+        except ValueError:
+            return address.lower()
     return address
 
 

@@ -17,13 +17,16 @@ import contextlib
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
-from typing import Any, TypeVar
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .wire import (
     FLAG_BIND_MULTI,
     FLAG_BIND_PORT,
     FLAG_REAL_FAMILY,
+    FLAG_UDP_INTERFACE_REQUEST,
+    FLAG_UDP_TUNNEL,
+    FLAG_UDP_USECLIENTSPORT,
     Address,
     AddressId,
     Atyp,
@@ -38,6 +41,9 @@ from .wire import (
     decode_reply,
     decode_userpass_reply,
 )
+
+if TYPE_CHECKING:
+    from .client_udp import UdpSession
 
 __all__ = ["Address", "AddressId", "Listener", "SocksClient", "SocksReplyError", "Stream"]
 
@@ -212,6 +218,43 @@ class SocksClient:
         command = Command.BIND_AA if aa else Command.BIND
         reply = await self.request(Request(command, dest, port, flag))
         return Listener(self, (reply.address, reply.port), reply.flag)
+
+    async def udp_associate(
+        self,
+        *,
+        aa: bool = False,
+        tunnel: bool = False,
+        interface_request: bool = False,
+        use_client_port: bool = False,
+        real_family: bool = False,
+        port: int = 0,
+    ) -> UdpSession:
+        """UDP ASSOCIATE (UDP+AA with ``aa``). We declare our UDP endpoint, so the gateway
+        can send to us before we send (receive first)."""
+        from .client_udp import UdpSession, client_udp_socket
+
+        flag = (
+            (FLAG_UDP_TUNNEL if tunnel else 0)
+            | (FLAG_UDP_INTERFACE_REQUEST if interface_request else 0)
+            | (FLAG_UDP_USECLIENTSPORT if use_client_port else 0)
+            | (FLAG_REAL_FAMILY if real_family else 0)
+        )
+        sock = None if tunnel else client_udp_socket(self, port)
+        try:
+            declared: Address = IPv4Address(0)
+            declared_port = 0
+            if sock is not None:
+                host, declared_port = sock.getsockname()[:2]
+                declared = ip_address(host)
+            command = Command.UDP_ASSOCIATE_AA if aa else Command.UDP_ASSOCIATE
+            reply = await self.request(Request(command, declared, declared_port, flag))
+            session = UdpSession(self, reply, tunnel)
+            await session._start(sock)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        return session
 
     async def close(self) -> None:
         self.writer.close()

@@ -106,6 +106,17 @@ class AddrmapConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UdpConfig:
+    idle: float = 300.0
+    max_datagram_rate: int = 20000  # per association, datagrams/s in either direction
+    max_buffered_bytes: int = 262144  # fragments + datagrams waiting for DNS, per association
+    fragment_timeout: float = 5.0
+    restrict_to_announced: bool = False
+    multicast_interface: str | None = None
+    multicast_hops: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class OutboundConfig:
     interface: str | None = None  # SO_BINDTODEVICE for outbound connections
 
@@ -126,6 +137,7 @@ class Config:
     addrmap: AddrmapConfig = field(default_factory=AddrmapConfig)
     bind: BindConfig = field(default_factory=BindConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    udp: UdpConfig = field(default_factory=UdpConfig)
     policy: Policy = field(default_factory=lambda: Policy.from_config({}))
     source: str = "<built-in>"
 
@@ -190,6 +202,7 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
         "addrmap",
         "bind",
         "outbound",
+        "udp",
         "policy",
     )
     for key in data:
@@ -268,11 +281,53 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
     if interface is not None and not 0 < len(interface.encode()) < 16:
         raise ConfigError("outbound.interface", f"{interface!r} is not an interface name")
     outbound = OutboundConfig(interface)
+    udp = _udp_config(_section(data, "udp", _fields(UdpConfig)))
     try:
         policy = Policy.from_config(data.get("policy") or {}, key="policy")
     except PolicyError as exc:
         raise ConfigError(exc.key, str(exc)) from None
-    return Config(listen, auth, resolver, timeouts, limits, addrmap, bind, outbound, policy, source)
+    return Config(
+        listen, auth, resolver, timeouts, limits, addrmap, bind, outbound, udp, policy, source
+    )
+
+
+def _udp_config(raw: Mapping[str, Any]) -> UdpConfig:
+    default = UdpConfig()
+    restrict = raw.get("restrict_to_announced", False)
+    if not isinstance(restrict, bool):
+        raise ConfigError("udp.restrict_to_announced", f"must be true or false, not {restrict!r}")
+    interface = _optional_str(raw, "multicast_interface", "udp.multicast_interface")
+    hops = _number(raw, "multicast_hops", "udp.multicast_hops", 1, minimum=1, integer=True)
+    if hops > 255:
+        raise ConfigError("udp.multicast_hops", f"must be 1..255, not {hops}")
+    rate = _number(
+        raw,
+        "max_datagram_rate",
+        "udp.max_datagram_rate",
+        default.max_datagram_rate,
+        minimum=1,
+        integer=True,
+    )
+    buffered = _number(
+        raw,
+        "max_buffered_bytes",
+        "udp.max_buffered_bytes",
+        default.max_buffered_bytes,
+        minimum=1024,
+        integer=True,
+    )
+    fragment_timeout = _number(raw, "fragment_timeout", "udp.fragment_timeout", 5.0)
+    if fragment_timeout < 5.0:
+        raise ConfigError("udp.fragment_timeout", "RFC 1928 wants at least 5 seconds")
+    return UdpConfig(
+        idle=_number(raw, "idle", "udp.idle", default.idle),
+        max_datagram_rate=rate,
+        max_buffered_bytes=buffered,
+        fragment_timeout=fragment_timeout,
+        restrict_to_announced=restrict,
+        multicast_interface=interface,
+        multicast_hops=hops,
+    )
 
 
 def _check_nameserver(text: str, key: str) -> None:

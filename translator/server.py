@@ -14,11 +14,16 @@ from collections.abc import Callable, Sequence
 
 from addrmap import AddressTable
 
+from .addressing import IPAddress
 from .auth import Credentials
 from .bind import MultiRegistry
 from .config import Config, Endpoint
+from .happy_eyeballs import order_addresses
+from .interfaces import Interface, InterfaceAddress, InterfaceManager
+from .multicast import MulticastHub
 from .resolver import Resolver
 from .session import Session
+from .udp_relay import UdpAssociation
 
 log = logging.getLogger("socks64.server")
 
@@ -31,9 +36,15 @@ _SWEEP_INTERVAL = 5.0
 class RateLimitedLog:
     """Log a recurring condition at most once per ``interval``, with a count of the rest."""
 
-    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        level: int = logging.WARNING,
+    ) -> None:
         self.interval = interval
         self.clock = clock
+        self.level = level
         self._next = 0.0
         self._suppressed = 0
 
@@ -46,7 +57,7 @@ class RateLimitedLog:
             message += f" (and {self._suppressed} more)"
             self._suppressed = 0
         self._next = now + self.interval
-        logger.warning(message, *args)
+        logger.log(self.level, message, *args)
 
 
 class Gateway:
@@ -83,9 +94,15 @@ class Gateway:
             Credentials.load(config.auth.users_file) if config.auth.users_file else None
         )
         self.multi = MultiRegistry()
+        self.interfaces = InterfaceManager()
+        self.multicast = MulticastHub(self.interfaces, config.udp.multicast_interface)
+        self.udp_drop_log = RateLimitedLog(level=logging.INFO)
+        self.udp_associations: set[UdpAssociation] = set()
+        self._unsubscribe: Callable[[], None] | None = None
         self.endpoints: list[Endpoint] = []
         self._servers: list[asyncio.Server] = []
         self._sessions: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[None]] = set()  # each session's connection owner
         self._sweeper: asyncio.Task[None] | None = None
         self._auth_slots: asyncio.Semaphore | None = None
         self._full_log = RateLimitedLog()
@@ -98,6 +115,8 @@ class Gateway:
         """Open every listener; returns the bound endpoints (real ports for port 0)."""
         self._auth_slots = asyncio.Semaphore(_CONCURRENT_PASSWORD_CHECKS)
         try:
+            await self.interfaces.start()
+            self._unsubscribe = self.interfaces.subscribe(self._on_interface_event)
             for endpoint in listen or self.config.listen:
                 server = await asyncio.start_server(
                     self._on_client, endpoint.host, endpoint.port, reuse_address=True, backlog=1024
@@ -112,6 +131,36 @@ class Gateway:
         self._sweeper = asyncio.create_task(self._sweep_table())
         return list(self.endpoints)
 
+    def _on_interface_event(self, event: str, subject: Interface | InterfaceAddress) -> None:
+        """Interfaces change under a running gateway: act on what it affects."""
+        if event == "address-removed" and isinstance(subject, InterfaceAddress):
+            stranded = [
+                association
+                for association in self.udp_associations
+                if association.relay_endpoint is not None
+                and association.relay_endpoint[0] == subject.address
+            ]
+            log.warning(
+                "address %s was removed; ending %d UDP association(s) relaying on it",
+                subject.address,
+                len(stranded),
+            )
+            for association in stranded:
+                association.session.writer.close()  # its TCP connection, so the client knows
+        elif event == "link-down" and isinstance(subject, Interface):
+            groups = [g for g in self.multicast.joined() if g[2] == subject.index]
+            log.warning(
+                "interface %s went down (%d multicast group(s) joined on it)",
+                subject.name,
+                len(groups),
+            )
+        elif event == "link-up" and isinstance(subject, Interface):
+            log.info("interface %s is up", subject.name)
+
+    def order_addresses(self, addresses: Sequence[IPAddress]) -> list[IPAddress]:
+        """Happy Eyeballs order under the configured family preference."""
+        return order_addresses(addresses, self.config.resolver.prefer_family)
+
     async def verify_password(self, user: str, password: str) -> bool:
         if self.credentials is None or self._auth_slots is None:
             return False
@@ -119,8 +168,12 @@ class Gateway:
             return await self.credentials.verify_async(user, password)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+        # The session runs in a task of its own: Python 3.11's start_server callback
+        # logs an error when the task it created is cancelled, and close() cancels.
+        session: asyncio.Task[None] | None = None
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
         try:
             if len(self._sessions) >= self.config.limits.max_clients:
                 self._full_log(
@@ -130,13 +183,17 @@ class Gateway:
                     writer.get_extra_info("peername"),
                 )
                 return
-            self._sessions.add(task)
-            await Session(self, reader, writer).run()
+            session = asyncio.create_task(Session(self, reader, writer).run())
+            self._sessions.add(session)
+            with contextlib.suppress(asyncio.CancelledError):
+                await session
         finally:
-            self._sessions.discard(task)
+            if session is not None:
+                self._sessions.discard(session)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+            self._handlers.discard(handler)
 
     async def _sweep_table(self) -> None:
         while True:
@@ -159,11 +216,17 @@ class Gateway:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._handlers:  # they close the client sockets
+            await asyncio.gather(*self._handlers, return_exceptions=True)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
         self.multi.close_all()
+        self.multicast.close()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        await self.interfaces.close()
         await self.resolver.close()
 
     async def __aenter__(self) -> Gateway:

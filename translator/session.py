@@ -241,7 +241,9 @@ class Session:
 
             await serve_bind(self, request)
         else:
-            raise GatewayError(Rep.COMMAND_NOT_SUPPORTED, "UDP ASSOCIATE is not available")
+            from .udp_requests import serve_udp
+
+            await serve_udp(self, request)
 
     async def refuse(self, request: Request | None, exc: BaseException) -> None:
         rep = rep_for(exc)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from addrmap import AddrMapError
 
 from . import policy as pol
-from .addressing import IPAddress
+from .addressing import IPAddress, is_unspecified
 from .bind_requests import Expected, accept_while_client_waits, open_listener, open_stream
 from .connect import open_destination
 from .replies import GatewayError, describe
@@ -72,7 +72,9 @@ async def _connect(session: Session, request: Socks4Request) -> None:
 
 
 async def _bind(session: Session, request: Socks4Request) -> None:
-    _, addresses, _ = await session.destination(request.address, request.port, pol.Command.BIND)
+    addresses: list[IPAddress] | None = None  # DSTIP 0.0.0.0: any peer, as in SOCKS 5
+    if not is_unspecified(request.address):
+        _, addresses, _ = await session.destination(request.address, request.port, pol.Command.BIND)
     listener = open_listener(session, addresses)
     try:
         first = Socks4Reply(

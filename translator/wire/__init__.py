@@ -33,7 +33,7 @@ from .constants import (
     Socks4Command,
     Socks4Status,
 )
-from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, MessageRejected, ProtocolError, RemoteProtocolError
 from .messages import (
     ControlRequest,
     Greeting,
@@ -45,6 +45,7 @@ from .messages import (
     UdpDatagram,
     UserPassReply,
     UserPassRequest,
+    control_request_length,
     decode_control_request,
     decode_greeting,
     decode_method_selection,
@@ -87,6 +88,7 @@ __all__ = [
     "Event",
     "Greeting",
     "LocalProtocolError",
+    "MessageRejected",
     "Method",
     "MethodSelection",
     "Phase",
@@ -106,6 +108,7 @@ __all__ = [
     "UserPassReply",
     "UserPassRequest",
     "atyp_of",
+    "control_request_length",
     "decode_address_port",
     "decode_control_request",
     "decode_greeting",

@@ -24,3 +24,16 @@ class RemoteProtocolError(ProtocolError):
 
 class LocalProtocolError(ProtocolError):
     """The caller asked the codec for something out of turn or unencodable."""
+
+
+class MessageRejected(RemoteProtocolError):
+    """A whole message was read but is bad; the connection itself goes on.
+
+    Raised in a UDP association's phases, where one bad control request or datagram
+    must not end the association. When ``answer_owed`` is true the server answers it
+    with a failure reply (``send_reply``); otherwise the message is just dropped.
+    """
+
+    def __init__(self, reason: str, rep: Rep | None = None, *, answer_owed: bool) -> None:
+        super().__init__(reason, rep)
+        self.answer_owed = answer_owed

@@ -22,6 +22,7 @@ from .constants import (
     SOCKS4_VERSION,
     SOCKS5_VERSION,
     USERPASS_VERSION,
+    Atyp,
     Command,
     ControlSub,
     Rep,
@@ -37,6 +38,19 @@ _FRAME_LEN = struct.Struct("!H")
 MAX_TUNNEL_FRAME = 0xFFFF
 
 
+def _octets(*values: int) -> bytes:
+    """Single-octet fields; anything outside 0..255 is our own mistake, not the peer's."""
+    if any(not 0 <= value <= 0xFF for value in values):
+        raise LocalProtocolError(f"octet field out of range in {values}")
+    return bytes(values)
+
+
+def _port(port: int) -> bytes:
+    if not 0 <= port <= 0xFFFF:
+        raise LocalProtocolError(f"port out of range: {port}")
+    return _PORT.pack(port)
+
+
 # --- RFC 1928 section 3: greeting and method selection -------------------------------
 
 
@@ -49,7 +63,7 @@ class Greeting:
     def encode(self) -> bytes:
         if not 1 <= len(self.methods) <= 255:
             raise LocalProtocolError("a greeting offers 1..255 methods")
-        return bytes((SOCKS5_VERSION, len(self.methods), *self.methods))
+        return _octets(SOCKS5_VERSION, len(self.methods), *self.methods)
 
 
 def decode_greeting(buf: Buffer) -> tuple[Greeting, int] | None:
@@ -71,7 +85,7 @@ class MethodSelection:
     method: int
 
     def encode(self) -> bytes:
-        return bytes((SOCKS5_VERSION, self.method))
+        return _octets(SOCKS5_VERSION, self.method)
 
 
 def decode_method_selection(buf: Buffer) -> tuple[MethodSelection, int] | None:
@@ -150,7 +164,7 @@ class Request:
     flag: int = 0
 
     def encode(self) -> bytes:
-        return bytes((SOCKS5_VERSION, self.command, self.flag)) + encode_address_port(
+        return _octets(SOCKS5_VERSION, self.command, self.flag) + encode_address_port(
             self.address, self.port
         )
 
@@ -185,7 +199,7 @@ class Reply:
     flag: int = 0
 
     def encode(self) -> bytes:
-        return bytes((SOCKS5_VERSION, self.rep, self.flag)) + encode_address_port(
+        return _octets(SOCKS5_VERSION, self.rep, self.flag) + encode_address_port(
             self.address, self.port
         )
 
@@ -219,11 +233,18 @@ class Socks4Request:
     userid: bytes = b""
 
     def encode(self) -> bytes:
+        if b"\x00" in self.userid or len(self.userid) > MAX_SOCKS4_FIELD:
+            raise LocalProtocolError("SOCKS 4 USERID must be NUL-free and at most 255 octets")
         if isinstance(self.address, str):
-            ip, tail = IPv4Address(1).packed, self.address.encode("ascii") + b"\x00"
+            raw = self.address.encode("ascii", "replace")
+            if not 1 <= len(raw) <= MAX_SOCKS4_FIELD or not all(0x21 <= b <= 0x7E for b in raw):
+                raise LocalProtocolError(f"cannot encode SOCKS 4a hostname {self.address!r}")
+            ip, tail = IPv4Address(1).packed, raw + b"\x00"
         else:
+            if self.address.packed[:3] == b"\x00\x00\x00" and self.address.packed[3]:
+                raise LocalProtocolError(f"{self.address} would read as a SOCKS 4a marker")
             ip, tail = self.address.packed, b""
-        head = _S4_HEAD.pack(SOCKS4_VERSION, self.command, self.port, ip)
+        head = _octets(SOCKS4_VERSION, self.command) + _port(self.port) + ip
         return head + self.userid + b"\x00" + tail
 
 
@@ -273,7 +294,7 @@ class Socks4Reply:
     address: IPv4Address = UNSPECIFIED_V4
 
     def encode(self) -> bytes:
-        return _S4_HEAD.pack(0, self.status, self.port, self.address.packed)
+        return _octets(0, self.status) + _port(self.port) + self.address.packed
 
 
 def decode_socks4_reply(buf: Buffer) -> tuple[Socks4Reply, int] | None:
@@ -302,12 +323,8 @@ class UdpDatagram:
     frag: int = 0
 
     def encode(self) -> bytes:
-        return (
-            b"\x00\x00"
-            + bytes((self.frag,))
-            + encode_address_port(self.address, self.port)
-            + (self.data)
-        )
+        header = b"\x00\x00" + _octets(self.frag)
+        return header + encode_address_port(self.address, self.port) + self.data
 
 
 def decode_udp_datagram(buf: Buffer) -> UdpDatagram:
@@ -331,7 +348,29 @@ class ControlRequest:
     flag: int = 0
 
     def encode(self) -> bytes:
-        return bytes((0, self.sub, self.flag)) + encode_address_port(self.address, self.port)
+        return _octets(0, self.sub, self.flag) + encode_address_port(self.address, self.port)
+
+
+_ADDRESS_LENGTHS: dict[int, int] = {Atyp.IPV4: 4, Atyp.IPV6: 16, Atyp.ADDRESS_ID: 4}
+
+
+def control_request_length(buf: Buffer) -> int | None:
+    """The length of the control request at the start of ``buf`` from its framing alone
+    (RSV SUB FLAG ATYP ADDR PORT), or None while short. An unknown ATYP has no length:
+    RemoteProtocolError (REP X'08'), and the stream cannot be resynchronised."""
+    if len(buf) < 4:
+        return None
+    atyp = buf[3]
+    if atyp == Atyp.DOMAIN:
+        if len(buf) < 5:
+            return None
+        return 5 + buf[4] + 2
+    size = _ADDRESS_LENGTHS.get(atyp)
+    if size is None:
+        raise RemoteProtocolError(
+            f"unknown address type {atyp:#04x}", Rep.ADDRESS_TYPE_NOT_SUPPORTED
+        )
+    return 4 + size + 2
 
 
 def decode_control_request(buf: Buffer) -> tuple[ControlRequest, int] | None:

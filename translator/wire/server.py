@@ -8,9 +8,10 @@ comes from ``_TRANSITIONS``; the one free choice, what follows a successful repl
 caller's (``then=``), checked against ``_AFTER_SUCCESS``. In ``RELAY`` the codec steps
 aside: ``take_trailing_data()`` hands over bytes the client pipelined after its request.
 
-Errors: any malformed input raises RemoteProtocolError (with the reply code to send when
-one exists) and the machine enters ``CLOSED``; use ``send_error()`` to encode the
-matching failure reply for the version in use.
+Errors: malformed input raises RemoteProtocolError (with the reply code to send when one
+exists) and the machine enters ``CLOSED``; ``send_error()`` encodes the matching failure
+reply for the version in use. In a UDP association's phases one bad control request or
+tunnelled datagram raises MessageRejected instead and the association goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from enum import Enum, auto
 from typing import Final
 
 from .constants import SOCKS4_VERSION, SOCKS5_VERSION, SOCKS6_VERSION, Method, Rep, Socks4Status
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, MessageRejected, RemoteProtocolError
 from .messages import (
     ControlRequest,
     Greeting,
@@ -31,6 +32,7 @@ from .messages import (
     UdpDatagram,
     UserPassReply,
     UserPassRequest,
+    control_request_length,
     decode_control_request,
     decode_greeting,
     decode_request,
@@ -38,6 +40,7 @@ from .messages import (
     decode_tunnel_frame,
     decode_udp_datagram,
     decode_userpass_request,
+    encode_tunnel_frame,
     is_control_payload,
 )
 
@@ -103,7 +106,6 @@ _PARSERS = {
     Phase.AUTH: decode_userpass_request,
     Phase.REQUEST: decode_request,
     Phase.SOCKS4_REQUEST: decode_socks4_request,
-    Phase.UDP_CONTROL: decode_control_request,
 }
 # Phases a successful reply may lead to, per phase the request arrived in.
 _AFTER_SUCCESS = {
@@ -120,7 +122,14 @@ _AFTER_SUCCESS = {
     Phase.TUNNEL: {Phase.TUNNEL},
     Phase.SOCKS4_REQUEST: {Phase.RELAY, Phase.BIND_WAIT},
 }
+_AFTER_METHOD: dict[int, Phase] = {
+    Method.NO_AUTH: Phase.REQUEST,
+    Method.USERNAME_PASSWORD: Phase.AUTH,
+    Method.NO_ACCEPTABLE: Phase.CLOSED,
+}
 _MAX_BUFFERED = 1 << 16  # no request is longer; more unparsed bytes mean abuse
+# Phases where client bytes are only held (for the relay that follows), never parsed.
+_HOLDING = (Phase.BIND_WAIT, Phase.HOLD)
 
 
 class ServerConnection:
@@ -136,9 +145,13 @@ class ServerConnection:
     # -- input ------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
+        """Buffer client bytes. While only holding them (between BIND's replies) more
+        than one message's worth is abuse: RemoteProtocolError."""
         if self.phase is Phase.CLOSED:
             return
         self._buffer += data
+        if self.phase in _HOLDING:
+            self._need_data()
 
     def next_event(self) -> Event | _Sentinel:
         if self._owed is not None:
@@ -156,8 +169,12 @@ class ServerConnection:
                 del self._buffer[:used]
                 self._owed = phase
                 return message
+            if phase is Phase.UDP_CONTROL:
+                return self._next_control_request()
             if phase is Phase.TUNNEL:
                 return self._next_tunnel_event()
+        except MessageRejected:
+            raise  # one bad message; the association goes on
         except RemoteProtocolError:
             self._fail()
             raise
@@ -190,6 +207,29 @@ class ServerConnection:
             raise RemoteProtocolError(f"unknown SOCKS version {version:#04x}")
         return self.next_event()
 
+    def _next_control_request(self) -> Event | _Sentinel:
+        length = control_request_length(self._buffer)
+        if length is None or len(self._buffer) < length:
+            return self._need_data()
+        payload = bytes(self._buffer[:length])
+        del self._buffer[:length]
+        return self._control_event(payload, Phase.UDP_CONTROL)
+
+    def _control_event(self, payload: bytes, phase: Phase) -> ControlRequest:
+        """A framed control request; a bad one owes a failure reply, nothing more."""
+        self._owed = phase
+        try:
+            parsed = decode_control_request(payload)
+        except RemoteProtocolError as exc:
+            raise MessageRejected(exc.reason, exc.rep, answer_owed=True) from None
+        if parsed is None or parsed[1] != len(payload):
+            raise MessageRejected(
+                "control request length does not match its frame",
+                Rep.GENERAL_FAILURE,
+                answer_owed=True,
+            )
+        return parsed[0]
+
     def _next_tunnel_event(self) -> Event | _Sentinel:
         got = decode_tunnel_frame(self._buffer)
         if got is None:
@@ -197,91 +237,101 @@ class ServerConnection:
         payload, used = got
         del self._buffer[:used]
         if is_control_payload(payload):
-            parsed = decode_control_request(payload)
-            if parsed is None or parsed[1] != len(payload):
-                raise RemoteProtocolError("tunnel control frame length does not match")
-            self._owed = Phase.TUNNEL
-            return parsed[0]
-        return TunnelDatagram(decode_udp_datagram(payload))
+            return self._control_event(payload, Phase.TUNNEL)
+        try:
+            return TunnelDatagram(decode_udp_datagram(payload))
+        except RemoteProtocolError as exc:
+            raise MessageRejected(exc.reason, exc.rep, answer_owed=False) from None
 
     # -- output -----------------------------------------------------------------------
 
-    def _answer(self, expected: set[Phase]) -> Phase:
+    def _owed_in(self, expected: set[Phase]) -> Phase:
+        """The phase whose message we are answering; nothing changes until the answer
+        is known to be legal, so a refused call leaves the machine as it was."""
         owed = self._owed
         if owed is None or owed not in expected:
             raise LocalProtocolError(f"nothing to answer in {self.phase.name} this way")
-        self._owed = None
         return owed
 
+    def _second_reply_or_owed(self, version: int, expected: set[Phase]) -> Phase:
+        if self.phase is Phase.BIND_WAIT and self._owed is None:
+            if self.version != version:
+                raise LocalProtocolError(f"BIND's second reply must be SOCKS {self.version}")
+            return Phase.BIND_WAIT
+        return self._owed_in(expected)
+
+    def _move(self, phase: Phase) -> None:
+        self._owed = None
+        self.phase = phase
+
     def send_socks6_mismatch(self) -> bytes:
-        self._answer({Phase.VERSION})
-        self.phase = Phase.CLOSED
+        self._owed_in({Phase.VERSION})
+        self._move(Phase.CLOSED)
         return bytes((SOCKS6_VERSION,))
 
     def send_method(self, method: int) -> bytes:
-        self._answer({Phase.GREETING})
-        if method == Method.NO_AUTH:
-            self.phase = Phase.REQUEST
-        elif method == Method.USERNAME_PASSWORD:
-            self.phase = Phase.AUTH
-        elif method == Method.NO_ACCEPTABLE:
-            self.phase = Phase.CLOSED
-        else:
+        self._owed_in({Phase.GREETING})
+        following = _AFTER_METHOD.get(method)
+        if following is None:
             raise LocalProtocolError(f"method {method:#04x} is not implemented")
+        self._move(following)
         return MethodSelection(method).encode()
 
     def send_auth_result(self, success: bool) -> bytes:
-        self._answer({Phase.AUTH})
-        self.phase = Phase.REQUEST if success else Phase.CLOSED
+        self._owed_in({Phase.AUTH})
+        self._move(Phase.REQUEST if success else Phase.CLOSED)
         return UserPassReply(success).encode()
 
     def send_reply(self, reply: Reply, *, then: Phase | None = None) -> bytes:
         """Answer a request (or, in BIND_WAIT, send BIND's second reply).
 
-        A failure reply closes the connection (profile 3); a success needs ``then``.
+        A failure reply closes the connection (profile 3), except on the UDP control
+        channel, where it answers one request; a success needs ``then``.
         """
-        if self.phase is Phase.BIND_WAIT and self._owed is None:
-            owed = Phase.BIND_WAIT
-        else:
-            owed = self._answer({Phase.REQUEST, Phase.UDP_CONTROL, Phase.TUNNEL})
+        owed = self._second_reply_or_owed(
+            SOCKS5_VERSION, {Phase.REQUEST, Phase.UDP_CONTROL, Phase.TUNNEL}
+        )
+        encoded = reply.encode()
+        following: Phase
         if reply.rep != Rep.SUCCEEDED:
-            # Control channel failures answer one request; the association lives on.
-            self.phase = owed if owed in (Phase.UDP_CONTROL, Phase.TUNNEL) else Phase.CLOSED
-            return reply.encode()
-        if then is None or then not in _AFTER_SUCCESS[owed]:
+            following = owed if owed in (Phase.UDP_CONTROL, Phase.TUNNEL) else Phase.CLOSED
+        elif then is None or then not in _AFTER_SUCCESS[owed]:
             raise LocalProtocolError(f"a success in {owed.name} cannot lead to {then}")
-        self.phase = then
-        return reply.encode()
+        else:
+            following = then
+        self._move(following)
+        # In a tunnel every octet travels in frames, replies included (profile 7).
+        return encode_tunnel_frame(encoded) if owed is Phase.TUNNEL else encoded
 
     def send_socks4_reply(self, reply: Socks4Reply, *, then: Phase | None = None) -> bytes:
-        if self.phase is Phase.BIND_WAIT and self._owed is None:
-            owed = Phase.BIND_WAIT
-        else:
-            owed = self._answer({Phase.SOCKS4_REQUEST})
+        owed = self._second_reply_or_owed(SOCKS4_VERSION, {Phase.SOCKS4_REQUEST})
+        encoded = reply.encode()
+        following: Phase
         if reply.status != Socks4Status.GRANTED:
-            self.phase = Phase.CLOSED
-            return reply.encode()
-        if then is None or then not in _AFTER_SUCCESS[owed]:
+            following = Phase.CLOSED
+        elif then is None or then not in _AFTER_SUCCESS[owed]:
             raise LocalProtocolError(f"a SOCKS 4 success in {owed.name} cannot lead to {then}")
-        self.phase = then
-        return reply.encode()
+        else:
+            following = then
+        self._move(following)
+        return encoded
 
     def send_error(self, rep: Rep) -> bytes:
         """The failure reply for ``rep`` in the version spoken, or b"" when none exists."""
-        self._owed = None
         was = self._failed_in or self.phase
-        self.phase = Phase.CLOSED
+        self._move(Phase.CLOSED)
         if self.version == SOCKS4_VERSION and was in (Phase.SOCKS4_REQUEST, Phase.BIND_WAIT):
             return Socks4Reply(Socks4Status.REJECTED).encode()
-        if self.version == SOCKS5_VERSION and was in (
-            Phase.REQUEST,
-            Phase.BIND_WAIT,
-            Phase.UDP_CONTROL,
-            Phase.TUNNEL,
-        ):
+        if self.version != SOCKS5_VERSION:
+            return b""
+        if was in (Phase.REQUEST, Phase.BIND_WAIT, Phase.UDP_CONTROL):
             return Reply(rep).encode()
-        if self.version == SOCKS5_VERSION and was is Phase.GREETING:
+        if was is Phase.TUNNEL:
+            return encode_tunnel_frame(Reply(rep).encode())
+        if was is Phase.GREETING:
             return MethodSelection(Method.NO_ACCEPTABLE).encode()
+        if was is Phase.AUTH:
+            return UserPassReply(False).encode()
         return b""
 
     def take_trailing_data(self) -> bytes:

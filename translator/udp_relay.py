@@ -1,0 +1,415 @@
+"""One UDP association: the client's relay socket (or TCP tunnel), one outbound socket
+per family, fragment reassembly, and the rules for writing sources back to the client.
+
+Hot path: a datagram from the client costs one header decode, one dict hit for the
+policy verdict of its destination, and one sendto; a datagram from a peer costs one dict
+hit for its rendered source and one sendto. Everything else (names, IDs, first contact
+with a peer) takes the slow path once and is cached for the association's life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import policy as pol
+from .addressing import IPAddress, family_of, sockaddr_ip
+from .fragments import Reassembler
+from .resolver import ResolveError
+from .wire import (
+    Address,
+    AddressId,
+    RemoteProtocolError,
+    UdpDatagram,
+    decode_udp_datagram,
+    encode_tunnel_frame,
+)
+
+if TYPE_CHECKING:
+    from .multicast import Membership
+    from .session import Session
+
+log = logging.getLogger("socks64.udp")
+
+_MAX_PEERS = 4096  # remembered (peer -> how the client named it) per association
+_MAX_NAMES = 256
+_MAX_UDP_PAYLOAD = 65507
+_TUNNEL_HIGH_WATER = 1 << 20  # bytes queued on the TCP tunnel before datagrams drop
+Endpoint = tuple[IPAddress, int]
+
+
+@dataclass(slots=True)
+class UdpStats:
+    to_peers: int = 0
+    to_client: int = 0
+    dropped: int = 0
+    dropped_policy: int = 0
+    dropped_foreign: int = 0
+    dropped_malformed: int = 0
+    dropped_rate: int = 0
+    dropped_unrenderable: int = 0
+
+
+class _Bucket:
+    """Token bucket: at most ``rate`` datagrams per second, bursts of one second."""
+
+    __slots__ = ("clock", "last", "rate", "tokens")
+
+    def __init__(self, rate: int, clock: Callable[[], float]) -> None:
+        self.rate = float(rate)
+        self.tokens = float(rate)
+        self.clock = clock
+        self.last = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class _Receiver(asyncio.DatagramProtocol):
+    def __init__(self, handler: Callable[[bytes, tuple[object, ...]], None]) -> None:
+        self.handler = handler
+
+    def datagram_received(self, data: bytes, addr: tuple[object, ...]) -> None:
+        self.handler(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP socket error: %s", exc)
+
+
+class UdpAssociation:
+    """State of one UDP ASSOCIATE; ends with its TCP connection (``close()``)."""
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        aa: bool,
+        real_family: bool,
+        client_port: int | None,
+        tunnel: asyncio.StreamWriter | None = None,
+    ) -> None:
+        self.session = session
+        gw = session.gw
+        self.config = gw.config.udp
+        self.client_ip = session.client_ip
+        self.client_family = family_of(session.client_ip)
+        self.client_port = client_port  # declared, or pinned by the first datagram
+        self.aa = aa
+        self.real_family = real_family
+        self.tunnel = tunnel
+        self.stats = UdpStats()
+        self.last_activity = gw.clock()
+        self.relay: asyncio.DatagramTransport | None = None
+        self.relay_endpoint: Endpoint | None = None
+        self.outbound: dict[int, asyncio.DatagramTransport] = {}
+        self.outbound_port: int = 0  # USECLIENTSPORT: bind outbound sockets here
+        self.reassembler = Reassembler(
+            clock=gw.clock,
+            timeout=self.config.fragment_timeout,
+            max_bytes=self.config.max_buffered_bytes,
+        )
+        self._from_client_rate = _Bucket(self.config.max_datagram_rate, gw.clock)
+        self._to_client_rate = _Bucket(self.config.max_datagram_rate, gw.clock)
+        self._verdicts: dict[Endpoint, bool] = {}
+        self._named: dict[Endpoint, Address] = {}  # how the client addressed each peer
+        self._rendered: dict[Endpoint, Address | None] = {}
+        self._names: dict[str, list[IPAddress]] = {}
+        self._pending_bytes = 0
+        self.announced: set[Endpoint] = set()
+        self.memberships: dict[Endpoint, Membership] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    # -- set-up -----------------------------------------------------------------------
+
+    async def open_relay(self) -> Endpoint:
+        """The client-facing socket, on the address the client reached (profile 7)."""
+        loop = asyncio.get_running_loop()
+        facing = self.session.facing_ip
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Receiver(self.from_client),
+            local_addr=(facing.compressed, 0),
+            family=family_of(facing),
+        )
+        self.relay = transport
+        self.relay_endpoint = (facing, int(transport.get_extra_info("sockname")[1]))
+        return self.relay_endpoint
+
+    async def outbound_socket(self, family: int) -> asyncio.DatagramTransport:
+        """This association's outbound socket for ``family``, created on first use."""
+        transport = self.outbound.get(family)
+        if transport is not None:
+            return transport
+        transport = await self._create_outbound(family, self.outbound_port)
+        self.outbound[family] = transport
+        return transport
+
+    async def try_client_port(self, port: int) -> bool:
+        """USECLIENTSPORT: bind both families' outbound sockets to ``port`` if free."""
+        created: dict[int, asyncio.DatagramTransport] = {}
+        try:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                created[family] = await self._create_outbound(family, port)
+        except OSError:
+            for transport in created.values():
+                transport.close()
+            return False
+        self.outbound.update(created)
+        self.outbound_port = port
+        return True
+
+    async def _create_outbound(self, family: int, port: int) -> asyncio.DatagramTransport:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            hops = self.config.multicast_hops
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, hops)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+                sock.bind(("::", port))
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, hops)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+                sock.bind(("0.0.0.0", port))
+            index = self.session.gw.multicast.send_interface_index(family)
+            if index:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+                else:
+                    # struct ip_mreqn with only imr_ifindex set selects the interface.
+                    mreqn = struct.pack("=4s4si", bytes(4), bytes(4), index)
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Receiver(self.from_peer), sock=sock
+        )
+        return transport
+
+    # -- client -> peers ----------------------------------------------------------------
+
+    def from_client(self, data: bytes, addr: tuple[object, ...]) -> None:
+        """A datagram on the relay socket: check its source, then relay it."""
+        source = sockaddr_ip(addr)
+        port = int(addr[1])  # type: ignore[call-overload]
+        if source != self.client_ip or (self.client_port and port != self.client_port):
+            self._drop("dropped_foreign", "datagram from foreign source %s:%d", source, port)
+            return
+        if not self.client_port:
+            self.client_port = port  # the first datagram pins the port (profile 7)
+        try:
+            datagram = decode_udp_datagram(data)
+        except RemoteProtocolError as exc:
+            self._drop("dropped_malformed", "malformed datagram from client: %s", exc.reason)
+            return
+        self.client_datagram(datagram)
+
+    def client_datagram(self, datagram: UdpDatagram) -> None:
+        """A decoded datagram from the client (relay socket or tunnel)."""
+        if not self._from_client_rate.take():
+            self._drop("dropped_rate", "client datagram rate exceeded")
+            return
+        self.last_activity = self.session.gw.clock()
+        payload = datagram.data
+        if datagram.frag:
+            whole = self.reassembler.feed(
+                datagram.frag, (datagram.address, datagram.port), datagram.data
+            )
+            if whole is None:
+                return
+            payload = whole
+        destination = datagram.address
+        if isinstance(destination, AddressId):
+            target = self.session.gw.table.lookup(self.session.owner, destination.realid)
+            if target is None:
+                self._drop("dropped_malformed", "unknown or foreign %s", destination)
+                return
+        else:
+            target = destination.lower() if isinstance(destination, str) else destination
+        if isinstance(target, str):
+            cached = self._names.get(target)
+            if cached is None:
+                self._resolve_then_send(target, datagram.port, payload, destination)
+                return
+            self._send_to_any(cached, datagram.port, payload, destination, target)
+            return
+        self.send_to_peer(target, datagram.port, payload, destination)
+
+    def send_to_peer(
+        self, peer: IPAddress, port: int, payload: bytes, named_as: Address, name: str | None = None
+    ) -> bool:
+        key = (peer, port)
+        allowed = self._verdicts.get(key)
+        if allowed is None:
+            command = pol.Command.MULTICAST if peer.is_multicast else pol.Command.UDP
+            decision = self.session.gw.config.policy.check(
+                client=self.client_ip,
+                user=self.session.user,
+                command=command,
+                address=peer,
+                name=name,
+                port=port,
+            )
+            allowed = decision.allowed
+            if len(self._verdicts) < _MAX_PEERS:
+                self._verdicts[key] = allowed
+        if not allowed:
+            self._drop("dropped_policy", "datagram to %s:%d denied by policy", peer, port)
+            return False
+        if key not in self._named and len(self._named) < _MAX_PEERS:
+            self._named[key] = named_as
+        transport = self.outbound.get(family_of(peer))
+        if transport is None:
+            self._spawn(self._send_after_open(peer, port, payload))
+            return True
+        transport.sendto(payload, (peer.compressed, port))
+        self.stats.to_peers += 1
+        return True
+
+    async def _send_after_open(self, peer: IPAddress, port: int, payload: bytes) -> None:
+        try:
+            transport = await self.outbound_socket(family_of(peer))
+        except OSError as exc:
+            self._drop("dropped", "no outbound socket for %s: %s", peer, exc)
+            return
+        transport.sendto(payload, (peer.compressed, port))
+        self.stats.to_peers += 1
+
+    def _send_to_any(
+        self, addresses: list[IPAddress], port: int, payload: bytes, named_as: Address, name: str
+    ) -> None:
+        # A datagram has no handshake to race: use the first address the policy allows.
+        for address in addresses:
+            key = (address, port)
+            if self._verdicts.get(key) is False:
+                continue
+            if self.send_to_peer(address, port, payload, named_as, name):
+                return
+
+    def _resolve_then_send(self, name: str, port: int, payload: bytes, named_as: Address) -> None:
+        if self._pending_bytes + len(payload) > self.config.max_buffered_bytes:
+            self._drop("dropped", "too many bytes waiting for DNS")
+            return
+        self._pending_bytes += len(payload)
+
+        async def resolve() -> None:
+            try:
+                addresses = await self.session.gw.resolver.resolve(name)
+            except ResolveError as exc:
+                self._drop("dropped", "cannot resolve %s: %s", name, exc)
+                return
+            finally:
+                self._pending_bytes -= len(payload)
+            ordered = self.session.gw.order_addresses(addresses)
+            if len(self._names) < _MAX_NAMES:
+                self._names[name] = ordered
+            self._send_to_any(ordered, port, payload, named_as, name)
+
+        self._spawn(resolve())
+
+    def name_peer(self, peer: IPAddress, port: int, named_as: Address) -> None:
+        """Remember how the client named a peer before any datagram (INTERFACE DATA)."""
+        if len(self._named) < _MAX_PEERS:
+            self._named[(peer, port)] = named_as
+            self._rendered.pop((peer, port), None)
+
+    # -- peers -> client ----------------------------------------------------------------
+
+    def from_peer(self, data: bytes, addr: tuple[object, ...]) -> None:
+        peer = sockaddr_ip(addr)
+        port = int(addr[1])  # type: ignore[call-overload]
+        key = (peer, port)
+        if (
+            self.config.restrict_to_announced
+            and key not in self.announced
+            and key not in self._named
+        ):
+            self._drop("dropped_foreign", "datagram from unannounced peer %s:%d", peer, port)
+            return
+        if key in self._rendered:
+            source = self._rendered[key]
+        else:
+            source = self.render_source(peer, port)
+            if len(self._rendered) < _MAX_PEERS:
+                self._rendered[key] = source
+        if source is None:
+            self._drop("dropped_unrenderable", "no way to name %s:%d for this client", peer, port)
+            return
+        self.to_client(UdpDatagram(source, port, data))
+
+    def render_source(self, peer: IPAddress, port: int, *, by_id: bool = False) -> Address | None:
+        """How the client sees a peer's address (profile 6 and 7)."""
+        if self.aa or by_id:
+            return AddressId(self.session.gw.table.associate(self.session.owner, peer))
+        if self.real_family or family_of(peer) == self.client_family:
+            return peer
+        return self._named.get((peer, port))
+
+    def to_client(self, datagram: UdpDatagram) -> None:
+        if not self._to_client_rate.take():
+            self._drop("dropped_rate", "datagram rate to client exceeded")
+            return
+        packet = datagram.encode()
+        if len(packet) > _MAX_UDP_PAYLOAD:
+            self._drop("dropped", "datagram too large for the client once framed")
+            return
+        self.last_activity = self.session.gw.clock()
+        if self.tunnel is not None:
+            transport = self.tunnel.transport
+            if transport.get_write_buffer_size() > _TUNNEL_HIGH_WATER:
+                self._drop("dropped", "tunnel congested")
+                return
+            self.tunnel.write(encode_tunnel_frame(packet))
+        elif self.relay is not None and self.client_port:
+            self.relay.sendto(packet, (self.client_ip.compressed, self.client_port))
+        else:
+            self._drop("dropped", "client endpoint not known yet")
+            return
+        self.stats.to_client += 1
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _drop(self, counter: str, message: str, *args: object) -> None:
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        if counter != "dropped":
+            self.stats.dropped += 1
+        self.session.gw.udp_drop_log(log, "%s: " + message, self.session.label, *args)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: UDP relay task failed", self.session.label, exc_info=task.exception())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self.relay is not None:
+            self.relay.close()
+        for transport in self.outbound.values():
+            transport.close()
+        self.outbound.clear()
+        for membership in self.memberships.values():
+            self.session.gw.multicast.leave(membership)
+        self.memberships.clear()
