@@ -112,7 +112,8 @@ class UdpConfig:
     max_buffered_bytes: int = 262144  # fragments + datagrams waiting for DNS, per association
     fragment_timeout: float = 5.0
     restrict_to_announced: bool = False
-    multicast_interface: str | None = None
+    multicast_interface_v4: str | None = None  # from multicast_interface: NAME or {ipv4:, ipv6:}
+    multicast_interface_v6: str | None = None
     multicast_hops: int = 1
 
 
@@ -281,7 +282,8 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
     if interface is not None and not 0 < len(interface.encode()) < 16:
         raise ConfigError("outbound.interface", f"{interface!r} is not an interface name")
     outbound = OutboundConfig(interface)
-    udp = _udp_config(_section(data, "udp", _fields(UdpConfig)))
+    udp_keys = [k for k in _fields(UdpConfig) if not k.startswith("multicast_interface_")]
+    udp = _udp_config(_section(data, "udp", [*udp_keys, "multicast_interface"]))
     try:
         policy = Policy.from_config(data.get("policy") or {}, key="policy")
     except PolicyError as exc:
@@ -296,7 +298,7 @@ def _udp_config(raw: Mapping[str, Any]) -> UdpConfig:
     restrict = raw.get("restrict_to_announced", False)
     if not isinstance(restrict, bool):
         raise ConfigError("udp.restrict_to_announced", f"must be true or false, not {restrict!r}")
-    interface = _optional_str(raw, "multicast_interface", "udp.multicast_interface")
+    interface_v4, interface_v6 = _multicast_interfaces(raw.get("multicast_interface"))
     hops = _number(raw, "multicast_hops", "udp.multicast_hops", 1, minimum=1, integer=True)
     if hops > 255:
         raise ConfigError("udp.multicast_hops", f"must be 1..255, not {hops}")
@@ -325,9 +327,27 @@ def _udp_config(raw: Mapping[str, Any]) -> UdpConfig:
         max_buffered_bytes=buffered,
         fragment_timeout=fragment_timeout,
         restrict_to_announced=restrict,
-        multicast_interface=interface,
+        multicast_interface_v4=interface_v4,
+        multicast_interface_v6=interface_v6,
         multicast_hops=hops,
     )
+
+
+def _multicast_interfaces(value: Any) -> tuple[str | None, str | None]:
+    """One interface name for both families, or ``{ipv4: NAME, ipv6: NAME}``."""
+    key = "udp.multicast_interface"
+    if value is None or isinstance(value, str):
+        return value, value
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, "must be an interface name or {ipv4: NAME, ipv6: NAME}")
+    for family in value:
+        if family not in ("ipv4", "ipv6"):
+            raise ConfigError(f"{key}.{family}", "unknown key (known: ipv4, ipv6)")
+    names = (value.get("ipv4"), value.get("ipv6"))
+    for family, name in zip(("ipv4", "ipv6"), names, strict=True):
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{key}.{family}", f"must be an interface name, not {name!r}")
+    return names
 
 
 def _check_nameserver(text: str, key: str) -> None:

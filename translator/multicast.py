@@ -56,14 +56,16 @@ class _GroupProtocol(asyncio.DatagramProtocol):
 
 
 class MulticastHub:
-    def __init__(self, interfaces: InterfaceManager, interface_name: str | None) -> None:
+    def __init__(
+        self, interfaces: InterfaceManager, names: dict[int, str | None] | None = None
+    ) -> None:
         self.interfaces = interfaces
-        self.interface_name = interface_name
+        self.names = names or {}  # configured interface per address family
         self._groups: dict[tuple[IPAddress, int, int], _Group] = {}
 
     def interface_index(self, family: int) -> int:
         """The interface for joins and sends in ``family``; LookupError when none fits."""
-        return self.interfaces.multicast_interface(family, self.interface_name).index
+        return self.interfaces.multicast_interface(family, self.names.get(family)).index
 
     def send_interface_index(self, family: int) -> int:
         """Like interface_index, but 0 (the kernel's choice) when nothing is configured

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 
@@ -95,7 +96,13 @@ class Gateway:
         )
         self.multi = MultiRegistry()
         self.interfaces = InterfaceManager()
-        self.multicast = MulticastHub(self.interfaces, config.udp.multicast_interface)
+        self.multicast = MulticastHub(
+            self.interfaces,
+            {
+                socket.AF_INET: config.udp.multicast_interface_v4,
+                socket.AF_INET6: config.udp.multicast_interface_v6,
+            },
+        )
         self.udp_drop_log = RateLimitedLog(level=logging.INFO)
         self.udp_associations: set[UdpAssociation] = set()
         self._unsubscribe: Callable[[], None] | None = None
