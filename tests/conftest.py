@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.dnsserver import DnsServer, dns_server_factory  # noqa: F401 (fixture)
+from translator.cli import fast_paths_enabled
 from translator.config import Config, config_from_mapping
 from translator.server import Gateway
 
@@ -41,6 +42,18 @@ def need_tool(name: str) -> None:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests run on the loop the gateway runs on: uvloop, unless SOCKS64_NO_FASTPATH=1.
+    Tests of the netlink layer itself need asyncio's loop (see netlink_thread)."""
+    if fast_paths_enabled() and item.get_closest_marker("plain_asyncio") is None:
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture(scope="session")

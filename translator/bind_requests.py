@@ -149,7 +149,7 @@ def _first_reply(
 async def _hold(session: Session) -> None:
     """A MULTI holding connection just keeps the listener until the client closes."""
     with contextlib.suppress(ConnectionError):
-        while await session.reader.read(4096):
+        while await session.channel.recv(4096):
             pass
 
 
@@ -170,7 +170,6 @@ async def _accept_and_relay(
     expected: Callable[[IPAddress], bool],
 ) -> None:
     sock, peer_ip, peer_port = await accept_while_client_waits(session, listener, expected)
-    reader, writer = await open_stream(sock)
     try:
         if request.command.with_aa:
             realid = session.gw.table.associate(session.owner, peer_ip)
@@ -182,18 +181,9 @@ async def _accept_and_relay(
             )
         reply = Reply(Rep.SUCCEEDED, bound, peer_port, session.reply_flag(request))
     except BaseException:
-        writer.close()
-        raise
-    await session.relay_after(session.conn.send_reply(reply, then=Phase.RELAY), (reader, writer))
-
-
-async def open_stream(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Wrap an accepted socket in streams, closing it if that fails."""
-    try:
-        return await asyncio.open_connection(sock=sock)
-    except BaseException:
         sock.close()
         raise
+    await session.relay_after(session.conn.send_reply(reply, then=Phase.RELAY), sock)
 
 
 async def accept_while_client_waits(
@@ -201,7 +191,7 @@ async def accept_while_client_waits(
 ) -> tuple[socket.socket, IPAddress, int]:
     """Accept the peer, giving up when the client leaves or bind_accept runs out."""
     accept = asyncio.ensure_future(listener.accept(expected))
-    watch: asyncio.Future[bytes] = asyncio.ensure_future(session.reader.read(65536))
+    watch: asyncio.Future[bytes] = asyncio.ensure_future(session.channel.recv(65536))
     handed_over = False
     try:
         async with asyncio.timeout(session.gw.config.timeouts.bind_accept):
@@ -214,7 +204,7 @@ async def accept_while_client_waits(
                 if not data:
                     raise ClientGone("closed by client while BIND waited")
                 session.conn.receive_data(data)  # early payload, forwarded after the reply
-                watch = asyncio.ensure_future(session.reader.read(65536))
+                watch = asyncio.ensure_future(session.channel.recv(65536))
     finally:
         watch.cancel()
         if not handed_over:

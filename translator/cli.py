@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from .config import Config, ConfigError, Endpoint, load_config, parse_endpoint
 
@@ -85,6 +87,23 @@ def _check_config(path: str) -> int:
     return 0
 
 
+def fast_paths_enabled() -> bool:
+    """uvloop and splice(2) unless SOCKS64_NO_FASTPATH=1 selects plain asyncio and copying."""
+    return os.environ.get("SOCKS64_NO_FASTPATH", "") not in ("1", "true")
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    if fast_paths_enabled():
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop is not installed; using the asyncio event loop")
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def _serve(config_path: str | None, listen: list[Endpoint] | None) -> int:
     try:
         config = load_config(config_path)
@@ -92,7 +111,7 @@ def _serve(config_path: str | None, listen: list[Endpoint] | None) -> int:
         log.error("config %s: %s", config_path or "<default>", exc)
         return 2
     try:
-        asyncio.run(_run(config, listen))
+        run_event_loop(_run(config, listen))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

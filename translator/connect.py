@@ -21,8 +21,7 @@ log = logging.getLogger("socks64.connect")
 
 
 class Outbound(NamedTuple):
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    sock: socket.socket  # connected, non-blocking; the caller owns it
     target: Target
     realid: int | None  # the REALID the request named, if it named one
 
@@ -41,12 +40,7 @@ async def open_destination(session: Session, address: Address, port: int) -> Out
         timeout=config.timeouts.connect,
         attempt=_attempt_via(config.outbound.interface),
     )
-    try:
-        reader, writer = await asyncio.open_connection(sock=sock)
-    except BaseException:
-        sock.close()
-        raise
-    return Outbound(reader, writer, target, realid)
+    return Outbound(sock, target, realid)
 
 
 def _attempt_via(interface: str | None) -> ConnectAttempt:
@@ -70,9 +64,9 @@ def _attempt_via(interface: str | None) -> ConnectAttempt:
 
 
 async def serve_connect(session: Session, request: Request) -> None:
-    reader, writer, target, realid = await open_destination(session, request.address, request.port)
+    sock, target, realid = await open_destination(session, request.address, request.port)
     try:
-        local = writer.get_extra_info("sockname")
+        local = sock.getsockname()
         if request.command.with_aa:
             if realid is None:
                 realid = session.gw.table.associate(session.owner, target)
@@ -86,11 +80,9 @@ async def serve_connect(session: Session, request: Request) -> None:
             )
         reply = Reply(Rep.SUCCEEDED, bound, int(local[1]), session.reply_flag(request))
     except BaseException:
-        writer.close()
+        sock.close()
         raise
-    stats = await session.relay_after(
-        session.conn.send_reply(reply, then=Phase.RELAY), (reader, writer)
-    )
+    stats = await session.relay_after(session.conn.send_reply(reply, then=Phase.RELAY), sock)
     log.debug(
         "%s: CONNECT %s:%d done, %d bytes up, %d down%s",
         session.label,

@@ -94,6 +94,14 @@ async def connect_happy(
     ordered = order_addresses(addresses, prefer)
     if not ordered:
         raise ValueError("no addresses to connect to")
+    if len(ordered) == 1:  # nothing to race: skip the tasks (the common literal case)
+        try:
+            async with asyncio.timeout(timeout):
+                return await attempt(ordered[0], port)
+        except TimeoutError:
+            raise TimeoutError(
+                errno.ETIMEDOUT, f"connect to port {port} timed out after {timeout:g} s"
+            ) from None
     return await _race(ordered, port, delay, timeout, attempt)
 
 

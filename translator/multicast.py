@@ -14,9 +14,13 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
 
 from .addressing import IPAddress, family_of, sockaddr_ip
-from .interfaces import InterfaceManager, ip_mreqn, ipv6_mreq
+from .interfaces import ip_mreqn, ipv6_mreq
+
+if TYPE_CHECKING:
+    from .netlink_thread import InterfaceWatcher
 
 log = logging.getLogger("socks64.multicast")
 
@@ -57,7 +61,7 @@ class _GroupProtocol(asyncio.DatagramProtocol):
 
 class MulticastHub:
     def __init__(
-        self, interfaces: InterfaceManager, names: dict[int, str | None] | None = None
+        self, interfaces: InterfaceWatcher, names: dict[int, str | None] | None = None
     ) -> None:
         self.interfaces = interfaces
         self.names = names or {}  # configured interface per address family

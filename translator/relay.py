@@ -1,20 +1,41 @@
 """Moving bytes between the client and its peer once a request has succeeded.
 
-Half-close is passed through (EOF on one side becomes a FIN on the other, and the other
-direction keeps flowing); a reset on either side ends both. A connection with no bytes in
-either direction for ``idle_timeout`` seconds is closed. Back-pressure comes from
-``drain()``: a client that never reads stops us reading from its peer.
+The relay works on the two raw sockets with the event loop's reader and writer
+callbacks: no task, no stream object, no coroutine per chunk. A direction starts with
+recv_into/send through one preallocated buffer; once it has carried ``SPLICE_AFTER``
+bytes it switches to splice(2) through a pipe, so bulk data never enters Python.
+Half-close passes through (EOF becomes shutdown(SHUT_WR) on the other side, and the
+other direction keeps flowing); a reset on either side ends both. Back-pressure is
+natural: a direction whose destination is full stops reading its source. A connection
+silent in both directions for ``idle_timeout`` seconds is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 CHUNK = 256 * 1024
+SPLICE_AFTER = 256 * 1024  # short sessions never pay for a pipe
+_PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_HAVE_SPLICE = hasattr(os, "splice")
+# One copy buffer for every relay: the loop runs one callback at a time, and a callback
+# never keeps bytes in it (what dst does not take is copied out to ``pending``).
+_BUFFER = bytearray(CHUNK)
+_VIEW = memoryview(_BUFFER)
+
+
+def splice_enabled() -> bool:
+    """splice(2) is used unless unavailable or switched off (SOCKS64_NO_FASTPATH=1)."""
+    return _HAVE_SPLICE and os.environ.get("SOCKS64_NO_FASTPATH", "") not in ("1", "true")
 
 
 @dataclass(slots=True)
@@ -22,68 +43,271 @@ class RelayStats:
     to_peer: int = 0
     to_client: int = 0
     idle_timeout: bool = False
+    spliced: bool = False
 
 
-class _Activity:
-    __slots__ = ("clock", "last")
+class _Direction:
+    __slots__ = (
+        "dst",
+        "dst_fd",
+        "eof",
+        "in_pipe",
+        "moved",
+        "pending",
+        "pipe_r",
+        "pipe_w",
+        "reading",
+        "src",
+        "src_fd",
+        "to_peer",
+        "writing",
+    )
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, to_peer: bool) -> None:
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.to_peer = to_peer
+        self.pending = b""  # bytes read but not yet accepted by dst (copy mode)
+        self.in_pipe = 0  # bytes in the pipe (splice mode)
+        self.pipe_r = -1
+        self.pipe_w = -1
+        self.moved = 0
+        self.eof = False
+        self.reading = False
+        self.writing = False
+
+
+class SocketRelay:
+    """Relays two connected sockets until both directions end; await ``done``."""
+
+    def __init__(
+        self,
+        client: socket.socket,
+        peer: socket.socket,
+        *,
+        idle_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        splice: bool | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        client.setblocking(False)
+        peer.setblocking(False)
+        self.client = client
+        self.peer = peer
+        self.idle_timeout = idle_timeout
         self.clock = clock
-        self.last = clock()
+        self.splice = splice_enabled() if splice is None else splice
+        self.stats = RelayStats()
+        self.done: asyncio.Future[RelayStats] = self.loop.create_future()
+        self._last = clock()
+        self._closed = False
+        self._up = _Direction(client, peer, True)
+        self._down = _Direction(peer, client, False)
+        self._timer = self.loop.call_later(idle_timeout, self._check_idle)
 
+    def start(self, to_peer: bytes = b"", to_client: bytes = b"") -> asyncio.Future[RelayStats]:
+        """Begin relaying; bytes already read from either side go first."""
+        for direction, early in ((self._up, to_peer), (self._down, to_client)):
+            if early:
+                direction.pending = early
+                self._count(direction, len(early))
+                self._write_pending(direction)
+            else:
+                self._resume_reading(direction)
+        return self.done
 
-async def _pump(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    activity: _Activity,
-    stats: RelayStats,
-    to_peer: bool,
-) -> None:
-    while True:
-        data = await reader.read(CHUNK)
-        if not data:
-            break
-        activity.last = activity.clock()
-        if to_peer:
-            stats.to_peer += len(data)
+    # -- loop callbacks ---------------------------------------------------------------
+
+    def _readable(self, d: _Direction) -> None:
+        if d.pipe_r >= 0:
+            self._splice_in(d)
+            return
+        try:
+            n = d.src.recv_into(_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._finish()
+            return
+        if n == 0:
+            self._end_of_stream(d)
+            return
+        self._count(d, n)
+        try:
+            sent = d.dst.send(_VIEW[:n])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._finish()
+            return
+        if sent < n:
+            d.pending = bytes(_VIEW[sent:n])
+            self._pause_reading(d)
+            self._start_writing(d)
+        elif self.splice and d.moved >= SPLICE_AFTER:
+            self._open_pipe(d)
+
+    def _writable(self, d: _Direction) -> None:
+        if d.pipe_r >= 0:
+            self._splice_out(d)
+            return
+        self._write_pending(d)
+
+    def _write_pending(self, d: _Direction) -> None:
+        try:
+            sent = d.dst.send(d.pending)
+        except (BlockingIOError, InterruptedError):
+            self._start_writing(d)
+            return
+        except OSError:
+            self._finish()
+            return
+        d.pending = d.pending[sent:]
+        if d.pending:
+            self._start_writing(d)
+            return
+        self._stop_writing(d)
+        if d.eof:
+            self._shut_down(d)
         else:
-            stats.to_client += len(data)
-        writer.write(data)
-        await writer.drain()
-        activity.last = activity.clock()
-    if writer.can_write_eof() and not writer.is_closing():
+            self._resume_reading(d)
+
+    # -- splice mode --------------------------------------------------------------------
+
+    def _open_pipe(self, d: _Direction) -> None:
+        try:
+            d.pipe_r, d.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # no pipe to spare: copying works too
         with contextlib.suppress(OSError):
-            writer.write_eof()
+            fcntl.fcntl(d.pipe_w, _F_SETPIPE_SZ, _PIPE_SIZE)
+        self.stats.spliced = True
+
+    def _splice_in(self, d: _Direction) -> None:
+        try:
+            n = os.splice(d.src_fd, d.pipe_w, CHUNK, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._finish()
+            return
+        if n == 0:
+            self._end_of_stream(d)
+            return
+        d.in_pipe += n
+        self._count(d, n)
+        self._splice_out(d)
+
+    def _splice_out(self, d: _Direction) -> None:
+        while d.in_pipe:
+            try:
+                n = os.splice(d.pipe_r, d.dst_fd, d.in_pipe, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                self._pause_reading(d)
+                self._start_writing(d)
+                return
+            except OSError:
+                self._finish()
+                return
+            d.in_pipe -= n
+        self._stop_writing(d)
+        if d.eof:
+            self._shut_down(d)
+        else:
+            self._resume_reading(d)
+
+    # -- state ------------------------------------------------------------------------
+
+    def _count(self, d: _Direction, n: int) -> None:
+        d.moved += n
+        self._last = self.clock()
+        if d.to_peer:
+            self.stats.to_peer += n
+        else:
+            self.stats.to_client += n
+
+    def _end_of_stream(self, d: _Direction) -> None:
+        d.eof = True
+        self._pause_reading(d)
+        if not d.pending and not d.in_pipe:
+            self._shut_down(d)
+
+    def _shut_down(self, d: _Direction) -> None:
+        with contextlib.suppress(OSError):
+            d.dst.shutdown(socket.SHUT_WR)
+        if self._up.eof and self._down.eof and self._flushed():
+            self._finish()
+
+    def _flushed(self) -> bool:
+        return not (
+            self._up.pending or self._down.pending or self._up.in_pipe or self._down.in_pipe
+        )
+
+    def _resume_reading(self, d: _Direction) -> None:
+        if not d.reading and not d.eof and not self._closed:
+            d.reading = True
+            self.loop.add_reader(d.src_fd, self._readable, d)
+
+    def _pause_reading(self, d: _Direction) -> None:
+        if d.reading:
+            d.reading = False
+            self.loop.remove_reader(d.src_fd)
+
+    def _start_writing(self, d: _Direction) -> None:
+        if not d.writing and not self._closed:
+            d.writing = True
+            self.loop.add_writer(d.dst_fd, self._writable, d)
+
+    def _stop_writing(self, d: _Direction) -> None:
+        if d.writing:
+            d.writing = False
+            self.loop.remove_writer(d.dst_fd)
+
+    def _check_idle(self) -> None:
+        remaining = self._last + self.idle_timeout - self.clock()
+        if remaining > 0:
+            self._timer = self.loop.call_later(remaining, self._check_idle)
+            return
+        self.stats.idle_timeout = True
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        for d in (self._up, self._down):
+            self._pause_reading(d)
+            self._stop_writing(d)
+        self._closed = True
+        self._timer.cancel()
+        for d in (self._up, self._down):
+            for fd in (d.pipe_r, d.pipe_w):
+                if fd >= 0:
+                    os.close(fd)
+            d.pipe_r = d.pipe_w = -1
+        self.client.close()
+        self.peer.close()
+        if not self.done.done():
+            self.done.set_result(self.stats)
+
+    def close(self) -> None:
+        """End the relay now (gateway shutdown, cancelled session)."""
+        self._finish()
 
 
 async def relay(
-    client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    peer: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    client: socket.socket,
+    peer: socket.socket,
     *,
     idle_timeout: float,
     clock: Callable[[], float] = time.monotonic,
+    to_peer: bytes = b"",
 ) -> RelayStats:
-    """Relay until both directions ended, one side failed, or the idle timeout hit."""
-    stats = RelayStats()
-    activity = _Activity(clock)
-    pending = {
-        asyncio.create_task(_pump(client[0], peer[1], activity, stats, True)),
-        asyncio.create_task(_pump(peer[0], client[1], activity, stats, False)),
-    }
+    """Relay until both directions ended, one side failed, or the idle timeout hit.
+    Both sockets are closed when it returns, also when the caller is cancelled."""
+    runner = SocketRelay(client, peer, idle_timeout=idle_timeout, clock=clock)
     try:
-        while pending:
-            remaining = activity.last + idle_timeout - clock()
-            if remaining <= 0:
-                stats.idle_timeout = True
-                break
-            done, pending = await asyncio.wait(
-                pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            if any(not task.cancelled() and task.exception() is not None for task in done):
-                break  # a reset or broken pipe on one side ends the session
+        return await asyncio.shield(runner.start(to_peer=to_peer))
     finally:
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-    return stats
+        runner.close()

@@ -18,10 +18,12 @@ from addrmap import AddressTable
 from .addressing import IPAddress
 from .auth import Credentials
 from .bind import MultiRegistry
+from .channel import Channel
 from .config import Config, Endpoint
 from .happy_eyeballs import order_addresses
-from .interfaces import Interface, InterfaceAddress, InterfaceManager
+from .interfaces import Interface, InterfaceAddress
 from .multicast import MulticastHub
+from .netlink_thread import InterfaceWatcher
 from .resolver import Resolver
 from .session import Session
 from .udp_relay import UdpAssociation
@@ -32,6 +34,44 @@ log = logging.getLogger("socks64.server")
 # multiply memory.
 _CONCURRENT_PASSWORD_CHECKS = 4
 _SWEEP_INTERVAL = 5.0
+_ACCEPT_BATCH = 64  # connections taken per wake-up, so one listener cannot starve the loop
+_BACKLOG = 1024
+
+
+_IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+_IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
+
+
+def _end_stranded(sock: socket.socket) -> None:
+    """End a connection whose local address was just removed, so its client hears it.
+
+    Linux no longer routes packets from a removed address, so a plain close leaves the
+    FIN (and any unacknowledged reply) queued until the address returns. A transparent
+    socket may send from a non-local address (this needs CAP_NET_ADMIN, which a gateway
+    managing interfaces has); without it the FIN leaves when the address comes back.
+    """
+    with contextlib.suppress(OSError):
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _listening_socket(endpoint: Endpoint) -> socket.socket:
+    sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if endpoint.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class RateLimitedLog:
@@ -95,7 +135,7 @@ class Gateway:
             Credentials.load(config.auth.users_file) if config.auth.users_file else None
         )
         self.multi = MultiRegistry()
-        self.interfaces = InterfaceManager()
+        self.interfaces = InterfaceWatcher()
         self.multicast = MulticastHub(
             self.interfaces,
             {
@@ -107,9 +147,8 @@ class Gateway:
         self.udp_associations: set[UdpAssociation] = set()
         self._unsubscribe: Callable[[], None] | None = None
         self.endpoints: list[Endpoint] = []
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[socket.socket] = []
         self._sessions: set[asyncio.Task[None]] = set()
-        self._handlers: set[asyncio.Task[None]] = set()  # each session's connection owner
         self._sweeper: asyncio.Task[None] | None = None
         self._auth_slots: asyncio.Semaphore | None = None
         self._full_log = RateLimitedLog()
@@ -124,14 +163,13 @@ class Gateway:
         try:
             await self.interfaces.start()
             self._unsubscribe = self.interfaces.subscribe(self._on_interface_event)
+            loop = asyncio.get_running_loop()
             for endpoint in listen or self.config.listen:
-                server = await asyncio.start_server(
-                    self._on_client, endpoint.host, endpoint.port, reuse_address=True, backlog=1024
-                )
-                self._servers.append(server)
-                for sock in server.sockets:
-                    host, port = sock.getsockname()[:2]
-                    self.endpoints.append(Endpoint(str(host), int(port)))
+                sock = _listening_socket(endpoint)
+                self._listeners.append(sock)
+                loop.add_reader(sock.fileno(), self._accept, sock)
+                host, port = sock.getsockname()[:2]
+                self.endpoints.append(Endpoint(str(host), int(port)))
         except BaseException:
             await self.close()
             raise
@@ -153,7 +191,7 @@ class Gateway:
                 len(stranded),
             )
             for association in stranded:
-                association.session.writer.close()  # its TCP connection, so the client knows
+                _end_stranded(association.session.channel.sock)
         elif event == "link-down" and isinstance(subject, Interface):
             groups = [g for g in self.multicast.joined() if g[2] == subject.index]
             log.warning(
@@ -174,33 +212,35 @@ class Gateway:
         async with self._auth_slots:
             return await self.credentials.verify_async(user, password)
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # The session runs in a task of its own: Python 3.11's start_server callback
-        # logs an error when the task it created is cancelled, and close() cancels.
-        session: asyncio.Task[None] | None = None
-        handler = asyncio.current_task()
-        assert handler is not None
-        self._handlers.add(handler)
-        try:
+    def _accept(self, listener: socket.socket) -> None:
+        """Readable listener: take every pending connection (no task per accept)."""
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving who we have
+                self._full_log(log, "accept failed: %s", exc)
+                return
             if len(self._sessions) >= self.config.limits.max_clients:
                 self._full_log(
                     log,
                     "client limit of %d reached; closing connection from %s",
                     self.config.limits.max_clients,
-                    writer.get_extra_info("peername"),
+                    peer,
                 )
-                return
-            session = asyncio.create_task(Session(self, reader, writer).run())
-            self._sessions.add(session)
-            with contextlib.suppress(asyncio.CancelledError):
-                await session
+                sock.close()
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.ensure_future(self._serve(Channel(sock, asyncio.get_running_loop())))
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
+
+    async def _serve(self, channel: Channel) -> None:
+        try:
+            await Session(self, channel).run()
         finally:
-            if session is not None:
-                self._sessions.discard(session)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-            self._handlers.discard(handler)
+            channel.close()
 
     async def _sweep_table(self) -> None:
         while True:
@@ -209,13 +249,14 @@ class Gateway:
             if freed:
                 log.debug("address table: %d idle IDs expired", freed)
 
-    async def serve_forever(self) -> None:
-        await asyncio.gather(*(server.serve_forever() for server in self._servers))
-
     async def close(self) -> None:
         """Stop listening, end every session, and release everything held."""
-        for server in self._servers:
-            server.close()
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
         tasks = list(self._sessions)
         if self._sweeper is not None:
             tasks.append(self._sweeper)
@@ -223,12 +264,6 @@ class Gateway:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._handlers:  # they close the client sockets
-            await asyncio.gather(*self._handlers, return_exceptions=True)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
-        self._servers.clear()
         self.multi.close_all()
         self.multicast.close()
         if self._unsubscribe is not None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from addrmap import AddrMapError, Owner, Target
 
 from . import policy as pol
 from .addressing import IPAddress, as_target, owner_for, sockaddr_ip
+from .channel import Channel, ChannelClosed
 from .relay import RelayStats, relay
 from .replies import GatewayError, describe, rep_for
 from .resolver import ResolveError
@@ -63,16 +65,13 @@ class ClientGone(Exception):
 class Session:
     """Serves one accepted client connection from greeting to close."""
 
-    def __init__(
-        self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def __init__(self, gateway: Gateway, channel: Channel) -> None:
         self.gw = gateway
-        self.reader = reader
-        self.writer = writer
-        peer = writer.get_extra_info("peername")
+        self.channel = channel
+        peer = channel.peername
         self.client_ip: IPAddress = sockaddr_ip(peer)
-        self.client_port: int = int(peer[1])
-        self.facing_ip: IPAddress = sockaddr_ip(writer.get_extra_info("sockname"))
+        self.client_port: int = int(peer[1])  # type: ignore[call-overload]
+        self.facing_ip: IPAddress = sockaddr_ip(channel.sockname)
         self.user: str | None = None
         self.conn = ServerConnection()
         self._pins: list[int] = []
@@ -97,13 +96,16 @@ class Session:
                 raise AssertionError("codec paused with no answer pending")
             if event is not NEED_DATA:
                 return event  # type: ignore[return-value]
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError
             try:
-                async with asyncio.timeout(remaining):
-                    data = await self.reader.read(4096)
-            except ConnectionError as exc:
+                # Most requests are already in the kernel: skip the loop round trip.
+                data = self.channel.recv_ready(4096)
+                if data is None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    async with asyncio.timeout(remaining):
+                        data = await self.channel.recv(4096)
+            except ChannelClosed as exc:
                 raise ClientGone(str(exc)) from None
             if not data:
                 raise ClientGone("closed by client")
@@ -114,29 +116,28 @@ class Session:
         if not data:
             return
         try:
-            self.writer.write(data)
-            async with asyncio.timeout(self.gw.config.timeouts.handshake):
-                await self.writer.drain()
-        except ConnectionError as exc:
+            rest = self.channel.send_now(data)  # replies are small: the kernel takes them
+            if rest:
+                async with asyncio.timeout(self.gw.config.timeouts.handshake):
+                    await self.channel.send_all(rest)
+        except ChannelClosed as exc:
             raise ClientGone(str(exc)) from None
 
-    async def relay_after(
-        self, reply: bytes, peer: tuple[asyncio.StreamReader, asyncio.StreamWriter]
-    ) -> RelayStats:
-        """Send the final success reply, then relay; the peer is closed in any case."""
-        writer = peer[1]
+    async def relay_after(self, reply: bytes, peer: socket.socket) -> RelayStats:
+        """Send the final success reply, then relay; both sockets end closed."""
         try:
             await self.send(reply)
-            trailing = self.conn.take_trailing_data()
-            if trailing:
-                writer.write(trailing)  # the client pipelined payload after its request
-            return await relay(
-                (self.reader, self.writer), peer, idle_timeout=self.gw.config.timeouts.idle
-            )
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        except BaseException:
+            peer.close()
+            raise
+        trailing = self.conn.take_trailing_data()  # the client pipelined payload
+        return await relay(
+            self.channel.detach(),
+            peer,
+            idle_timeout=self.gw.config.timeouts.idle,
+            clock=self.gw.clock,
+            to_peer=trailing,
+        )
 
     def pin(self, realid: int) -> None:
         if self.gw.table.pin(self.owner, realid):

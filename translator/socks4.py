@@ -15,7 +15,7 @@ from addrmap import AddrMapError
 
 from . import policy as pol
 from .addressing import IPAddress, is_unspecified
-from .bind_requests import Expected, accept_while_client_waits, open_listener, open_stream
+from .bind_requests import Expected, accept_while_client_waits, open_listener
 from .connect import open_destination
 from .replies import GatewayError, describe
 from .resolver import ResolveError
@@ -64,11 +64,9 @@ async def serve_socks4(session: Session, request: Socks4Request) -> None:
 
 
 async def _connect(session: Session, request: Socks4Request) -> None:
-    reader, writer, _, _ = await open_destination(session, request.address, request.port)
+    sock, _, _ = await open_destination(session, request.address, request.port)
     granted = Socks4Reply(Socks4Status.GRANTED)
-    await session.relay_after(
-        session.conn.send_socks4_reply(granted, then=Phase.RELAY), (reader, writer)
-    )
+    await session.relay_after(session.conn.send_socks4_reply(granted, then=Phase.RELAY), sock)
 
 
 async def _bind(session: Session, request: Socks4Request) -> None:
@@ -87,6 +85,4 @@ async def _bind(session: Session, request: Socks4Request) -> None:
     finally:
         listener.close()
     second = Socks4Reply(Socks4Status.GRANTED, peer_port, _v4_or_unspecified(peer_ip, session))
-    await session.relay_after(
-        session.conn.send_socks4_reply(second, then=Phase.RELAY), await open_stream(sock)
-    )
+    await session.relay_after(session.conn.send_socks4_reply(second, then=Phase.RELAY), sock)

@@ -31,6 +31,7 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
+    from .channel import Channel
     from .multicast import Membership
     from .session import Session
 
@@ -39,7 +40,6 @@ log = logging.getLogger("socks64.udp")
 _MAX_PEERS = 4096  # remembered (peer -> how the client named it) per association
 _MAX_NAMES = 256
 _MAX_UDP_PAYLOAD = 65507
-_TUNNEL_HIGH_WATER = 1 << 20  # bytes queued on the TCP tunnel before datagrams drop
 Endpoint = tuple[IPAddress, int]
 
 
@@ -97,7 +97,7 @@ class UdpAssociation:
         aa: bool,
         real_family: bool,
         client_port: int | None,
-        tunnel: asyncio.StreamWriter | None = None,
+        tunnel: Channel | None = None,
     ) -> None:
         self.session = session
         gw = session.gw
@@ -369,11 +369,10 @@ class UdpAssociation:
             return
         self.last_activity = self.session.gw.clock()
         if self.tunnel is not None:
-            transport = self.tunnel.transport
-            if transport.get_write_buffer_size() > _TUNNEL_HIGH_WATER:
+            if self.tunnel.congested:
                 self._drop("dropped", "tunnel congested")
                 return
-            self.tunnel.write(encode_tunnel_frame(packet))
+            self.tunnel.write_nowait(encode_tunnel_frame(packet))
         elif self.relay is not None and self.client_port:
             self.relay.sendto(packet, (self.client_ip.compressed, self.client_port))
         else:

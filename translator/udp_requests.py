@@ -57,7 +57,7 @@ async def serve_udp(session: Session, request: Request) -> None:
         aa=request.command.with_aa,
         real_family=bool(flag & FLAG_REAL_FAMILY),
         client_port=request.port or None,
-        tunnel=session.writer if tunnel else None,
+        tunnel=session.channel if tunnel else None,
     )
     gw.udp_associations.add(association)
     try:
@@ -120,7 +120,7 @@ async def _serve_association(session: Session, association: UdpAssociation) -> N
             return
         try:
             async with asyncio.timeout(remaining):
-                data = await session.reader.read(65536)
+                data = await session.channel.recv(65536)
         except TimeoutError:
             continue  # datagrams may have kept it alive: re-check the idle clock
         except ConnectionError:

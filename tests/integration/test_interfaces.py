@@ -35,6 +35,9 @@ from translator.interfaces import (
     parse_igmp6,
 )
 
+# pyroute2's async netlink sockets need asyncio's loop; the gateway runs them on a thread.
+pytestmark = pytest.mark.plain_asyncio
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 UP = IFF_UP | IFF_RUNNING | IFF_MULTICAST
 GROUP4 = IPv4Address("239.1.2.3")
