@@ -6,7 +6,8 @@ per line: progress events (``{"event": ...}``) that a scenario may react to, the
 ``{"ok": true, ...}`` or ``{"ok": false, "error": ..., "rep": N}``.
 
 Addresses on the command line: ``id:HEX`` (an ADDRESS ID, as ``str(AddressId)`` prints),
-an IP literal, or a domain name. Endpoints: ``HOST:PORT`` or ``[V6]:PORT``.
+an IP literal, or a domain name. Endpoints: ``HOST:PORT`` or ``[V6]:PORT``. The UDP and
+multicast actions live in `netnslab.probe_udp`.
 """
 
 from __future__ import annotations
@@ -284,9 +285,18 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, 
 }
 
 
+def all_actions() -> dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]]:
+    """The TCP actions here and the UDP ones of `netnslab.probe_udp`."""
+    from netnslab.probe_udp import UDP_ACTIONS  # imports this module: not at the top
+
+    return {**ACTIONS, **UDP_ACTIONS}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from netnslab.probe_udp import add_udp_arguments
+
     parser = argparse.ArgumentParser(prog="netnslab.probe")
-    parser.add_argument("action", choices=sorted(ACTIONS))
+    parser.add_argument("action", choices=sorted(all_actions()))
     parser.add_argument("--proxy", help="gateway HOST:PORT")
     parser.add_argument("--dest", help="destination: id:HEX, IP literal or name")
     parser.add_argument("--port", type=int, default=0)
@@ -303,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="DNS name")
     parser.add_argument("--type", default="A", help="DNS query type")
     parser.add_argument("--timeout", type=float, default=10.0)
+    add_udp_arguments(parser)
     return parser
 
 
@@ -310,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one action; exit 0 if it completed (the JSON says what happened), 1 on error."""
     args = build_parser().parse_args(argv)
     try:
-        result = asyncio.run(ACTIONS[args.action](args))
+        result = asyncio.run(all_actions()[args.action](args))
     except Exception as exc:
         emit(ok=False, **_error(exc))
         return 1

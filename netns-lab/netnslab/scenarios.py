@@ -561,3 +561,7 @@ def chain_two_hops(lab: Lab) -> str:
     gw2_v4 = lab.address("gw2", 4)
     check(f"client {gw2_v4}" in body, f"s4 should see gw2 ({gw2_v4}) as the client: {body!r}")
     return "c4 -> gw1 -> [IPv6] -> gw2 -> s4"
+
+
+# The UDP and multicast scenarios register themselves on import (they use the helpers above).
+from netnslab import scenarios_udp  # noqa: E402,F401

@@ -11,7 +11,8 @@ Kinds:
     The gateway. Keys: ``listen`` ("HOST:PORT", IPv6 in brackets), ``config`` (merged into
     the gateway's YAML config, schema as ``config/socks64.yaml``).
 ``testserver``
-    `netnslab.testserver`: ``http`` and ``stream`` listen addresses ("HOST:PORT").
+    `netnslab.testserver`: ``http`` and ``stream`` listen addresses ("HOST:PORT"), and
+    ``udp`` for a UDP echo.
 
 Readiness is checked from inside the node through a socket created in its namespace, so
 the check sees exactly what a lab client would see.
@@ -159,6 +160,8 @@ def testserver_argv(service: Service, node: str) -> list[str]:
         argv.extend(["--http", endpoint])
     for endpoint in _listen_list(service, "stream"):
         argv.extend(["--stream", endpoint])
+    for endpoint in _listen_list(service, "udp"):
+        argv.extend(["--udp", endpoint])
     return argv
 
 
@@ -211,6 +214,23 @@ def tcp_answers(namespace: str, endpoint: str, greeting: bytes = b"", expect: by
     return True
 
 
+def udp_echo_answers(namespace: str, endpoint: str) -> bool:
+    """Whether the UDP echo at ``endpoint`` answers a datagram sent from inside ``namespace``."""
+    host, port = split_endpoint(endpoint)
+    target, version = _probe_target(host)
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    token = secrets.token_hex(4).encode()
+    sock = _socket_in(namespace, family, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(0.5)
+        try:
+            sock.sendto(token, (target, port))
+            reply = sock.recv(512)
+        except OSError:
+            return False
+    return reply.endswith(b"\n" + token)
+
+
 def dns_query_packet(name: str, qtype: int, query_id: int) -> bytes:
     """A minimal recursive-desired DNS query for ``name``."""
     header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
@@ -249,14 +269,16 @@ def service_ready(namespace: str, service: Service) -> bool:
         )
     if service.kind == "testserver":
         endpoints = _listen_list(service, "http") + _listen_list(service, "stream")
-        return all(tcp_answers(namespace, endpoint) for endpoint in endpoints)
+        return all(tcp_answers(namespace, endpoint) for endpoint in endpoints) and all(
+            udp_echo_answers(namespace, endpoint) for endpoint in _listen_list(service, "udp")
+        )
     return True
 
 
 def describe_options(options: Mapping[str, Any]) -> str:
     """A one-line summary of a service's listen addresses for status output."""
     parts: list[str] = []
-    for key in ("listen", "http", "stream"):
+    for key in ("listen", "http", "stream", "udp"):
         values = options.get(key)
         if values:
             parts.append(f"{key} {' '.join(str(v) for v in values)}")

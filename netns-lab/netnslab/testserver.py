@@ -8,6 +8,10 @@
     A connection receives a line ``stream from NAME`` and then 1 KiB every 20 ms for up to
     ``--stream-seconds`` seconds: a transfer that is still going when a scenario breaks
     the link.
+``--udp HOST:PORT``
+    A UDP echo: each datagram is answered with a first line ``echo from NAME; peer HOST
+    PORT`` (the sender as this server saw it) followed by the datagram's data, so a
+    scenario can tell which address and port the gateway relayed from.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Sequence
+from typing import Any, cast
 
 from netnslab.services import split_endpoint
 
@@ -72,9 +78,48 @@ async def _stream(
             await writer.wait_closed()
 
 
-async def serve(name: str, http: list[str], stream: list[str], stream_seconds: float) -> None:
+class _UdpEcho(asyncio.DatagramProtocol):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(echo_reply(self.name, str(addr[0]), int(addr[1]), data), addr)
+
+
+def echo_reply(name: str, host: str, port: int, data: bytes) -> bytes:
+    """What the UDP echo answers to ``data`` from ``host``:``port``."""
+    return f"echo from {name}; peer {host} {port}\n".encode() + data
+
+
+def parse_echo_reply(reply: bytes) -> tuple[str, str, int, bytes] | None:
+    """(server name, peer host, peer port, echoed data) of an echo reply, or None."""
+    head, newline, data = reply.partition(b"\n")
+    words = head.decode("latin-1").split()
+    if not newline or len(words) != 6 or words[:2] != ["echo", "from"] or words[3] != "peer":
+        return None
+    if not words[5].isdigit():
+        return None
+    return words[2].rstrip(";"), words[4], int(words[5]), data
+
+
+async def serve(
+    name: str, http: list[str], stream: list[str], stream_seconds: float, udp: Sequence[str] = ()
+) -> None:
     """Run the servers until SIGTERM or SIGINT."""
     servers: list[asyncio.Server] = []
+    transports: list[asyncio.DatagramTransport] = []
+    loop = asyncio.get_running_loop()
+    for endpoint in udp:
+        host, port = split_endpoint(endpoint)
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpEcho(name), local_addr=(host, port)
+        )
+        transports.append(transport)
     for endpoint in http:
         host, port = split_endpoint(endpoint)
         servers.append(
@@ -90,13 +135,14 @@ async def serve(name: str, http: list[str], stream: list[str], stream_seconds: f
             )
         )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    print(f"testserver {name}: http {http} stream {stream}", flush=True)
+    print(f"testserver {name}: http {http} stream {stream} udp {list(udp)}", flush=True)
     await stop.wait()
     for server in servers:
         server.close()
+    for transport in transports:
+        transport.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--http", action="append", default=[])
     parser.add_argument("--stream", action="append", default=[])
+    parser.add_argument("--udp", action="append", default=[])
     parser.add_argument("--stream-seconds", type=float, default=60.0)
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.name, args.http, args.stream, args.stream_seconds))
+    asyncio.run(serve(args.name, args.http, args.stream, args.stream_seconds, args.udp))
     return 0
 
 

@@ -6,9 +6,10 @@ import ipaddress
 
 import pytest
 from netnslab.cli import format_table
-from netnslab.probe import describe, parse_address
+from netnslab.probe import all_actions, build_parser, describe, parse_address
 from netnslab.scenarios import Outcome
 from netnslab.services import dns_query_packet, split_endpoint
+from netnslab.testserver import echo_reply, parse_echo_reply
 from netnslab.timing import poll_until
 from netnslab.topology import TopologyError
 
@@ -71,3 +72,23 @@ def test_run_table_ends_with_the_counts() -> None:
     lines = table.splitlines()
     assert lines[-1] == "1 passed, 1 failed"
     assert lines[3].split()[:2] == ["bb", "FAIL"] and lines[3].endswith("REP 4 after 2s")
+
+
+def test_udp_echo_reply_names_the_sender_the_server_saw() -> None:
+    reply = echo_reply("s6", "2001:db8:5e6::1", 27352, b"hello 0\nsecond line")
+    assert parse_echo_reply(reply) == ("s6", "2001:db8:5e6::1", 27352, b"hello 0\nsecond line")
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"", b"hello", b"echo from s6; peer x\nhi", b"echo from s6; peer h p\nhi"]
+)
+def test_anything_but_an_echo_reply_is_not_parsed_as_one(garbage: bytes) -> None:
+    assert parse_echo_reply(garbage) is None
+
+
+def test_probe_knows_the_udp_actions_and_their_flags() -> None:
+    args = build_parser().parse_args(
+        ["udp-echo", "--dest", "v6.lab.test", "--use-client-port", "--local-port", "20001"]
+    )
+    assert args.use_client_port and args.local_port == 20001 and not args.tunnel
+    assert {"udp-echo", "pysocks-udp", "mcast-recv", "mcast-send", "udp-hold"} <= set(all_actions())

@@ -82,7 +82,14 @@ def test_dnsmasq_never_forwards_and_serves_the_zone(tmp_path: Any) -> None:
 def test_gateway_command_listens_where_the_topology_says(tmp_path: Any) -> None:
     gateway = load_topology("default").nodes["gw"].services[0]
     argv = gateway_argv(gateway, tmp_path / "gw.yaml")
-    assert argv[-4:] == ["--listen", "192.0.2.1:1080", "--listen", "[2001:db8:c6::1]:1080"]
+    assert argv[-6:] == [
+        "--listen",
+        "192.0.2.1:1080",
+        "--listen",
+        "[2001:db8:c6::1]:1080",
+        "--listen",
+        "192.0.2.2:1080",  # the address the udp-address-removed scenario takes away
+    ]
     assert split_endpoint("[2001:db8:c6::1]:1080") == ("2001:db8:c6::1", 1080)
 
 
