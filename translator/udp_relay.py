@@ -40,6 +40,7 @@ log = logging.getLogger("socks64.udp")
 _MAX_PEERS = 4096  # remembered (peer -> how the client named it) per association
 _MAX_NAMES = 256
 _MAX_UDP_PAYLOAD = 65507
+_HEADER_SIZE = {1: 10, 4: 22, 8: 10}  # RSV(2) FRAG ATYP ADDR PORT by ATYP (3 varies)
 Endpoint = tuple[IPAddress, int]
 
 
@@ -125,6 +126,11 @@ class UdpAssociation:
         self._named: dict[Endpoint, Address] = {}  # how the client addressed each peer
         self._rendered: dict[Endpoint, Address | None] = {}
         self._names: dict[str, list[IPAddress]] = {}
+        # Fast paths, filled by the slow path once per peer (see the module docstring):
+        self._client_addr: tuple[object, ...] | None = None  # the pinned sockaddr, as given
+        self._routes: dict[bytes, tuple[asyncio.DatagramTransport, tuple[str, int]]] = {}
+        self._headers: dict[tuple[object, ...], bytes] = {}  # peer sockaddr -> header
+        self._id_pins: list[int] = []
         self._pending_bytes = 0
         self.announced: set[Endpoint] = set()
         self.memberships: dict[Endpoint, Membership] = {}
@@ -204,6 +210,16 @@ class UdpAssociation:
 
     def from_client(self, data: bytes, addr: tuple[object, ...]) -> None:
         """A datagram on the relay socket: check its source, then relay it."""
+        if addr == self._client_addr and len(data) > 4 and data[2] == 0:
+            # Fast path: a known client to a destination already checked and resolved.
+            atyp = data[3]
+            size = _HEADER_SIZE.get(atyp) or (7 + data[4] if atyp == 3 else 0)
+            route = self._routes.get(data[:size])
+            if route is not None and self._from_client_rate.take():
+                route[0].sendto(data[size:], route[1])
+                self.stats.to_peers += 1
+                self.last_activity = self._from_client_rate.last
+                return
         source = sockaddr_ip(addr)
         port = int(addr[1])  # type: ignore[call-overload]
         if source != self.client_ip or (self.client_port and port != self.client_port):
@@ -211,15 +227,18 @@ class UdpAssociation:
             return
         if not self.client_port:
             self.client_port = port  # the first datagram pins the port (profile 7)
+        self._client_addr = addr
         try:
             datagram = decode_udp_datagram(data)
         except RemoteProtocolError as exc:
             self._drop("dropped_malformed", "malformed datagram from client: %s", exc.reason)
             return
-        self.client_datagram(datagram)
+        route_key = data[: len(data) - len(datagram.data)] if not datagram.frag else None
+        self.client_datagram(datagram, route_key)
 
-    def client_datagram(self, datagram: UdpDatagram) -> None:
-        """A decoded datagram from the client (relay socket or tunnel)."""
+    def client_datagram(self, datagram: UdpDatagram, route_key: bytes | None = None) -> None:
+        """A decoded datagram from the client (relay socket or tunnel). ``route_key`` is
+        its raw header, under which the route is remembered for the fast path."""
         if not self._from_client_rate.take():
             self._drop("dropped_rate", "client datagram rate exceeded")
             return
@@ -238,6 +257,8 @@ class UdpAssociation:
             if target is None:
                 self._drop("dropped_malformed", "unknown or foreign %s", destination)
                 return
+            if destination.realid not in self._id_pins and not self._pin(destination.realid):
+                route_key = None  # unpinned: keep looking it up, so expiry is seen
         else:
             target = destination.lower() if isinstance(destination, str) else destination
         if isinstance(target, str):
@@ -245,12 +266,19 @@ class UdpAssociation:
             if cached is None:
                 self._resolve_then_send(target, datagram.port, payload, destination)
                 return
-            self._send_to_any(cached, datagram.port, payload, destination, target)
+            self._send_to_any(cached, datagram.port, payload, destination, target, route_key)
             return
-        self.send_to_peer(target, datagram.port, payload, destination)
+        self.send_to_peer(target, datagram.port, payload, destination, route_key=route_key)
 
     def send_to_peer(
-        self, peer: IPAddress, port: int, payload: bytes, named_as: Address, name: str | None = None
+        self,
+        peer: IPAddress,
+        port: int,
+        payload: bytes,
+        named_as: Address,
+        name: str | None = None,
+        *,
+        route_key: bytes | None = None,
     ) -> bool:
         key = (peer, port)
         allowed = self._verdicts.get(key)
@@ -272,12 +300,17 @@ class UdpAssociation:
             return False
         if key not in self._named and len(self._named) < _MAX_PEERS:
             self._named[key] = named_as
+            if self._rendered.pop(key, 0) is None:  # it was unnameable until now
+                self._headers.clear()
         transport = self.outbound.get(family_of(peer))
         if transport is None:
             self._spawn(self._send_after_open(peer, port, payload))
             return True
-        transport.sendto(payload, (peer.compressed, port))
+        destination = (peer.compressed, port)
+        transport.sendto(payload, destination)
         self.stats.to_peers += 1
+        if route_key is not None and len(self._routes) < _MAX_PEERS:
+            self._routes[route_key] = (transport, destination)
         return True
 
     async def _send_after_open(self, peer: IPAddress, port: int, payload: bytes) -> None:
@@ -290,14 +323,20 @@ class UdpAssociation:
         self.stats.to_peers += 1
 
     def _send_to_any(
-        self, addresses: list[IPAddress], port: int, payload: bytes, named_as: Address, name: str
+        self,
+        addresses: list[IPAddress],
+        port: int,
+        payload: bytes,
+        named_as: Address,
+        name: str,
+        route_key: bytes | None = None,
     ) -> None:
         # A datagram has no handshake to race: use the first address the policy allows.
         for address in addresses:
             key = (address, port)
             if self._verdicts.get(key) is False:
                 continue
-            if self.send_to_peer(address, port, payload, named_as, name):
+            if self.send_to_peer(address, port, payload, named_as, name, route_key=route_key):
                 return
 
     def _resolve_then_send(self, name: str, port: int, payload: bytes, named_as: Address) -> None:
@@ -321,15 +360,39 @@ class UdpAssociation:
 
         self._spawn(resolve())
 
+    def _pin(self, realid: int) -> bool:
+        """Pin an ID the client sends to: in use by this association, it must not expire
+        while the fast path skips the table."""
+        if len(self._id_pins) >= _MAX_NAMES:
+            return False
+        if not self.session.gw.table.pin(self.session.owner, realid):
+            return False
+        self._id_pins.append(realid)
+        return True
+
     def name_peer(self, peer: IPAddress, port: int, named_as: Address) -> None:
         """Remember how the client named a peer before any datagram (INTERFACE DATA)."""
         if len(self._named) < _MAX_PEERS:
             self._named[(peer, port)] = named_as
             self._rendered.pop((peer, port), None)
+            self._headers.clear()  # a rendering may have changed
 
     # -- peers -> client ----------------------------------------------------------------
 
     def from_peer(self, data: bytes, addr: tuple[object, ...]) -> None:
+        header = self._headers.get(addr)
+        if (
+            header is not None
+            and self.relay is not None
+            and self._client_addr is not None
+            and len(data) <= _MAX_UDP_PAYLOAD - len(header)
+            and self._to_client_rate.take()
+        ):
+            # Fast path: a peer whose source rendering is already known.
+            self.relay.sendto(header + data, self._client_addr)
+            self.stats.to_client += 1
+            self.last_activity = self._to_client_rate.last
+            return
         peer = sockaddr_ip(addr)
         port = int(addr[1])  # type: ignore[call-overload]
         key = (peer, port)
@@ -345,10 +408,12 @@ class UdpAssociation:
         else:
             source = self.render_source(peer, port)
             if len(self._rendered) < _MAX_PEERS:
-                self._rendered[key] = source
+                self._rendered[key] = source  # None too: dropped cheaply until named
         if source is None:
             self._drop("dropped_unrenderable", "no way to name %s:%d for this client", peer, port)
             return
+        if len(self._headers) < _MAX_PEERS:
+            self._headers[addr] = UdpDatagram(source, port, b"").encode()
         self.to_client(UdpDatagram(source, port, data))
 
     def render_source(self, peer: IPAddress, port: int, *, by_id: bool = False) -> Address | None:
@@ -412,3 +477,6 @@ class UdpAssociation:
         for membership in self.memberships.values():
             self.session.gw.multicast.leave(membership)
         self.memberships.clear()
+        for realid in self._id_pins:
+            self.session.gw.table.unpin(self.session.owner, realid)
+        self._id_pins.clear()

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
+from netnslab import interrupt
 from netnslab.lab import Lab, LabError, TeardownReport, teardown_all, teardown_state
 from netnslab.scenarios import SCENARIOS, Outcome, run_all, scenarios_for
 from netnslab.state import iter_states
@@ -53,7 +54,13 @@ def _print_report(report: TeardownReport) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    interrupt.install()  # signals stop the build at its next step, never mid-call
     lab = Lab.up(args.topology, start_services=not args.no_services)
+    try:
+        interrupt.checkpoint()
+    except KeyboardInterrupt:
+        lab.teardown()
+        raise
     print(render_status(lab))
     print(f"\nlab {lab.run_id} is up; 'socks64 lab down {lab.run_id}' removes it")
     return 0

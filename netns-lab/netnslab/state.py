@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netnslab import interrupt
 from netnslab.procs import TrackedProcess, process_starttime
 
 STATE_ROOT = Path(os.environ.get("SOCKS64_LAB_STATE", "/run/socks64-lab"))
@@ -108,6 +109,8 @@ class LabState:
         scratch = self.path.with_suffix(".tmp")
         scratch.write_text(json.dumps(self.to_json(), indent=2), encoding="utf-8")
         os.replace(scratch, self.path)
+        if self.phase != "tearing-down":
+            interrupt.checkpoint()  # every build step saves: a safe place to stop
 
 
 def load_state(path: Path) -> LabState:

@@ -266,3 +266,45 @@ async def test_pysocks_udp_client(gateway: RunningGateway, udp_echo: dict) -> No
             sock.close()
 
     assert await asyncio.to_thread(exchange) == b"echo:pysocks-udp"
+
+
+async def test_peer_becomes_nameable_once_the_client_addresses_it(
+    gateway: RunningGateway,
+) -> None:
+    async with await associate(gateway, interface_request=True) as udp:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as peer:
+            peer.bind(("::1", 0))
+            peer_port = peer.getsockname()[1]
+            _, relay_port = await udp.interface_data(V6, 9)
+            peer.sendto(b"too early", ("::1", relay_port))  # unnamed yet: dropped
+            with pytest.raises(TimeoutError):
+                await udp.recv(timeout=0.3)
+            await udp.send(V6, peer_port, b"now I know you")
+            peer.setblocking(False)
+            loop = asyncio.get_running_loop()
+            assert await asyncio.wait_for(loop.sock_recv(peer, 100), 5) == b"now I know you"
+            peer.sendto(b"welcome", ("::1", relay_port))
+            assert await udp.recv() == UdpDatagram(V6, peer_port, b"welcome")
+
+
+async def test_a_stream_of_datagrams_arrives_intact_both_ways(
+    gateway: RunningGateway, udp_echo: dict
+) -> None:
+    """The per-peer fast paths carry the same bytes as the first, slow, datagram."""
+    for dest in ("web6.test", V6):
+        async with await associate(gateway) as udp:
+            sent = [f"{dest}-{n}".encode() * (n + 1) for n in range(40)]
+            for payload in sent:
+                await udp.send(dest, udp_echo["v6"], payload)
+                got = await udp.recv()
+                assert got == UdpDatagram(dest, udp_echo["v6"], b"echo:" + payload)
+
+
+async def test_a_peer_keeps_the_first_name_the_client_gave_it(
+    gateway: RunningGateway, udp_echo: dict
+) -> None:
+    async with await associate(gateway) as udp:
+        await udp.send("web6.test", udp_echo["v6"], b"one")
+        assert (await udp.recv()).address == "web6.test"
+        await udp.send(V6, udp_echo["v6"], b"two")  # the same peer, by literal now
+        assert (await udp.recv()).address == "web6.test"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from netnslab import netlink
-from netnslab.lab import Lab, LabError
+from netnslab.lab import Lab, LabError, teardown_state
 from netnslab.procs import TrackedProcess, is_running
 from netnslab.pytest_plugin import NodeHandle, require_lab
 from netnslab.services import child_environment
@@ -155,10 +155,15 @@ def test_interrupted_up_leaves_nothing() -> None:
         if child.poll() is None:
             child.kill()
             child.communicate()
-    assert child.returncode == 130, err
-    assert "interrupted" in err
-    assert poll_until(lambda: not (_lab_namespaces() & set(namespaces)), timeout=5)
-    assert not path.parent.exists()
+    try:
+        assert child.returncode == 130, err
+        assert "interrupted" in err
+        assert poll_until(lambda: not (_lab_namespaces() & set(namespaces)), timeout=5)
+        assert not path.parent.exists()
+    finally:
+        for leftover in STATE_ROOT.glob("*/state.json"):  # never leak a lab, even on failure
+            if leftover.parent.name not in before:
+                teardown_state(load_state(leftover))
 
 
 def test_node_fixtures_reach_each_other_only_through_their_segment(
