@@ -187,7 +187,7 @@ class SocketRelay:
 
     def _splice_in(self, d: _Direction) -> None:
         try:
-            n = os.splice(d.src_fd, d.pipe_w, CHUNK, flags=_SPLICE_FLAGS)
+            n = os.splice(d.src_fd, d.pipe_w, _PIPE_SIZE, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
