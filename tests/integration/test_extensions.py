@@ -249,3 +249,25 @@ async def test_bind_port_flag_listens_where_asked_and_busy_is_general_failure(
         async with await control(gateway) as second:
             rep = await rep_of(second.bind(V4, wanted, listen_port=True))
             assert rep == Rep.GENERAL_FAILURE
+
+
+async def test_socks4_bind(gateway: RunningGateway) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.v4.port)
+    writer.write(b"\x04\x02\x00\x00\x7f\x00\x00\x01user\x00")  # BIND, expect 127.0.0.1
+    first = await asyncio.wait_for(reader.readexactly(8), 5)
+    assert first[:2] == b"\x00\x5a" and first[4:] == b"\x7f\x00\x00\x01"
+    port = int.from_bytes(first[2:4], "big")
+    peer = asyncio.create_task(_peer_connects("127.0.0.1", port, b"four"))
+    second = await asyncio.wait_for(reader.readexactly(8), 5)
+    assert second[:2] == b"\x00\x5a" and second[4:] == b"\x7f\x00\x00\x01"
+    assert await reader.readexactly(4) == b"four"
+    writer.write(b"back")
+    assert await peer == b"back"
+    writer.close()
+
+
+async def test_socks4_failure_is_rejected(gateway: RunningGateway) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.v4.port)
+    writer.write(b"\x04\x01\x00\x01\x7f\x00\x00\x01\x00")  # CONNECT to port 1: refused
+    assert await asyncio.wait_for(reader.read(), 5) == b"\x00\x5b" + bytes(6)
+    writer.close()

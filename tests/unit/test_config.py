@@ -1,0 +1,106 @@
+"""Configuration: defaults, endpoint forms, and errors that name the offending key."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from translator.config import (
+    ConfigError,
+    Endpoint,
+    config_from_mapping,
+    load_config,
+    parse_endpoint,
+)
+
+
+def test_shipped_default_is_loopback_only() -> None:
+    config = load_config(None)
+    assert config.listen == (Endpoint("127.0.0.1", 1080), Endpoint("::1", 1080))
+    assert config.auth.methods == ("none",)
+    from ipaddress import ip_address
+
+    from translator.policy import Command
+
+    policy = config.policy
+    for client, allowed in (("127.0.0.1", True), ("::1", True), ("192.0.2.7", False)):
+        decision = policy.check(
+            client=ip_address(client),
+            user=None,
+            command=Command.CONNECT,
+            address=ip_address("198.51.100.1"),
+            port=80,
+        )
+        assert decision.allowed is allowed, client
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoint", "family"),
+    [
+        ("127.0.0.1:1080", Endpoint("127.0.0.1", 1080), socket.AF_INET),
+        ("[::1]:0", Endpoint("::1", 0), socket.AF_INET6),
+        ("[2001:db8::1]:65535", Endpoint("2001:db8::1", 65535), socket.AF_INET6),
+    ],
+)
+def test_endpoints(text: str, endpoint: Endpoint, family: int) -> None:
+    assert parse_endpoint(text) == endpoint
+    assert parse_endpoint(text).family == family
+
+
+@pytest.mark.parametrize(
+    "text", ["::1:1080", "localhost:1080", "127.0.0.1", "127.0.0.1:70000", "[::1]1080", "1.2.3:80"]
+)
+def test_bad_endpoints(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_endpoint(text)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"lsiten": []}, "lsiten"),
+        ({"listen": "127.0.0.1:1080"}, "listen"),
+        ({"listen": ["127.0.0.1:1080", "nope"]}, "listen[1]"),
+        ({"auth": {"methods": ["none", "gssapi"]}}, "auth.methods[1]"),
+        ({"auth": {"methods": ["username"]}}, "auth.users_file"),
+        ({"resolver": {"timeout": 0}}, "resolver.timeout"),
+        ({"resolver": {"tries": 1.5}}, "resolver.tries"),
+        ({"resolver": {"nameservers": ["dns.example"]}}, "resolver.nameservers[0]"),
+        ({"resolver": {"prefer": "ipv5"}}, "resolver.prefer"),
+        ({"timeouts": {"connect": -1}}, "timeouts.connect"),
+        ({"timeouts": {"conect": 1}}, "timeouts.conect"),
+        ({"limits": {"max_clients": 0}}, "limits.max_clients"),
+        ({"bind": {"address_v4": "::1"}}, "bind.address_v4"),
+        ({"outbound": {"interface": "x" * 20}}, "outbound.interface"),
+        ({"udp": {"fragment_timeout": 1}}, "udp.fragment_timeout"),
+        ({"udp": {"multicast_hops": 300}}, "udp.multicast_hops"),
+        ({"udp": {"multicast_interface": {"ipv5": "eth0"}}}, "udp.multicast_interface.ipv5"),
+        ({"udp": {"restrict_to_announced": "yes"}}, "udp.restrict_to_announced"),
+        ({"policy": {"rules": [{"action": "allow", "ports": ["x"]}]}}, "policy.rules[0].ports[0]"),
+    ],
+)
+def test_errors_name_the_key(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping(data)
+    assert caught.value.key == key
+    assert str(caught.value).startswith(key)
+
+
+def test_multicast_interface_forms() -> None:
+    both = config_from_mapping({"udp": {"multicast_interface": "eth1"}}).udp
+    assert (both.multicast_interface_v4, both.multicast_interface_v6) == ("eth1", "eth1")
+    split = config_from_mapping(
+        {"udp": {"multicast_interface": {"ipv4": "v-s4", "ipv6": "v-s6"}}}
+    ).udp
+    assert (split.multicast_interface_v4, split.multicast_interface_v6) == ("v-s4", "v-s6")
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("listen: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
