@@ -83,12 +83,13 @@ async def serve_connect(session: Session, request: Request) -> None:
         sock.close()
         raise
     stats = await session.relay_after(session.conn.send_reply(reply, then=Phase.RELAY), sock)
-    log.debug(
-        "%s: CONNECT %s:%d done, %d bytes up, %d down%s",
-        session.label,
-        target,
-        request.port,
-        stats.to_peer,
-        stats.to_client,
-        " (idle timeout)" if stats.idle_timeout else "",
-    )
+    if log.isEnabledFor(logging.DEBUG):  # once per session: skip building the arguments
+        log.debug(
+            "%s: CONNECT %s:%d done, %d bytes up, %d down%s",
+            session.label,
+            target,
+            request.port,
+            stats.to_peer,
+            stats.to_client,
+            " (idle timeout)" if stats.idle_timeout else "",
+        )

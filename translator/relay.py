@@ -308,6 +308,7 @@ async def relay(
     Both sockets are closed when it returns, also when the caller is cancelled."""
     runner = SocketRelay(client, peer, idle_timeout=idle_timeout, clock=clock)
     try:
-        return await asyncio.shield(runner.start(to_peer=to_peer))
+        # If our caller is cancelled the future is too; close() below copes with that.
+        return await runner.start(to_peer=to_peer)
     finally:
         runner.close()

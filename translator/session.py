@@ -75,11 +75,13 @@ class Session:
         self.user: str | None = None
         self.conn = ServerConnection()
         self._pins: list[int] = []
-        self.label = (
-            f"[{self.client_ip}]:{self.client_port}"
-            if self.client_ip.version == 6
-            else f"{self.client_ip}:{self.client_port}"
-        )
+
+    @property
+    def label(self) -> str:
+        """The client as logs name it; built only when something is logged."""
+        if self.client_ip.version == 6:
+            return f"[{self.client_ip}]:{self.client_port}"
+        return f"{self.client_ip}:{self.client_port}"
 
     @property
     def owner(self) -> Owner:
