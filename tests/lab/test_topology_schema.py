@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
@@ -40,12 +41,13 @@ def test_every_scenario_belongs_to_a_bundled_topology() -> None:
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        (("links", 0, "c4"), ["10.0.0.1/24"], "outside the documentation ranges"),
+        # Not a documentation range (shared address space, RFC 6598): refused.
+        (("links", 0, "c4"), ["100.64.0.1/24"], "outside the documentation ranges"),
         (("links", 0, "c4"), ["192.0.2.10"], "needs a prefix length"),
         (("nodes", "c4", "colour"), "blue", "unknown keys colour"),
         (("nodes", "c4", "routes"), [{"to": "default", "via": "2001:db8:c6::1"}], "disabled"),
         (("nodes", "gw", "services"), [{"kind": "squid"}], "kind must be one of"),
-        (("nodes", "c4", "routes"), [{"to": "10.0.0.0/8", "via": "192.0.2.1"}], "outside"),
+        (("nodes", "c4", "routes"), [{"to": "100.64.0.0/10", "via": "192.0.2.1"}], "outside"),
     ],
 )
 def test_invalid_topologies_are_rejected(path: tuple[Any, ...], value: Any, message: str) -> None:
@@ -75,7 +77,8 @@ def test_dnsmasq_never_forwards_and_serves_the_zone(tmp_path: Any) -> None:
     argv = dnsmasq_argv(dns, tmp_path)
     assert "--no-resolv" in argv and "--no-hosts" in argv and "--conf-file=/dev/null" in argv
     assert "--host-record=v6.lab.test,2001:db8:5e6::10" in argv
-    assert "--ptr-record=10.100.51.198.in-addr.arpa,v4.lab.test" in argv
+    reverse = ip_address("198.51.100.10").reverse_pointer
+    assert f"--ptr-record={reverse},v4.lab.test" in argv
     assert "--local=/lab.test/" in argv
 
 
