@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 from addrmap import Target
 
 from . import policy as pol
-from .addressing import IPAddress, family_of, in_client_family, sockaddr_ip
-from .happy_eyeballs import ConnectAttempt, connect_happy, connect_socket
+from .addressing import in_client_family, sockaddr_ip
+from .happy_eyeballs import connect_happy, connect_socket
 from .wire import FLAG_REAL_FAMILY, Address, AddressId, Phase, Rep, Reply, Request
 
 if TYPE_CHECKING:
@@ -38,29 +38,9 @@ async def open_destination(session: Session, address: Address, port: int) -> Out
         prefer=config.resolver.prefer_family,
         delay=config.resolver.happy_eyeballs_delay,
         timeout=config.timeouts.connect,
-        attempt=_attempt_via(config.outbound.interface),
+        attempt=partial(connect_socket, interface=config.outbound.interface),
     )
     return Outbound(sock, target, realid)
-
-
-def _attempt_via(interface: str | None) -> ConnectAttempt:
-    """One connection attempt, pinned to ``interface`` when the config names one."""
-    if interface is None:
-        return connect_socket
-    device = interface.encode()
-
-    async def attempt(address: IPAddress, port: int) -> socket.socket:
-        sock = socket.socket(family_of(address), socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (address.compressed, port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    return attempt
 
 
 async def serve_connect(session: Session, request: Request) -> None:

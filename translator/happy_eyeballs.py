@@ -57,13 +57,18 @@ def order_addresses(
     return ordered
 
 
-async def connect_socket(address: IPAddress, port: int) -> socket.socket:
-    """Connect a new non-blocking TCP socket to ``address``:``port``.
+async def connect_socket(
+    address: IPAddress, port: int, *, interface: str | None = None
+) -> socket.socket:
+    """Connect a new non-blocking TCP socket to ``address``:``port``, pinned to
+    ``interface`` (SO_BINDTODEVICE) when one is given.
 
     The socket is closed if the attempt fails or is cancelled.
     """
     sock = socket.socket(_family(address), socket.SOCK_STREAM)
     try:
+        if interface is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, (str(address), port))
     except BaseException:

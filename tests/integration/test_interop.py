@@ -89,22 +89,27 @@ async def test_ncat_relays_both_ways(gateway: RunningGateway, echo_server: dict[
     assert out == b"hello through socks64\n"
 
 
-async def test_python_socks_by_name(gateway: RunningGateway, echo_server: dict[str, int]) -> None:
-    proxy = Proxy.from_url(f"socks5://{gateway.url6}", rdns=True)
-    sock = await proxy.connect(dest_host="web4.test", dest_port=echo_server["v4"], timeout=5)
+@pytest.mark.parametrize(
+    ("url", "listener", "dest", "server", "payload"),
+    [
+        ("socks5", "url6", "web4.test", "v4", b"ping"),  # IPv6 client, IPv4-only server
+        ("socks4", "url4", "web6.test", "v6", b"four-a"),  # SOCKS 4a, the other way
+    ],
+)
+async def test_python_socks(
+    gateway: RunningGateway,
+    echo_server: dict[str, int],
+    url: str,
+    listener: str,
+    dest: str,
+    server: str,
+    payload: bytes,
+) -> None:
+    proxy = Proxy.from_url(f"{url}://{getattr(gateway, listener)}", rdns=True)
+    sock = await proxy.connect(dest_host=dest, dest_port=echo_server[server], timeout=5)
     reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(b"ping")
-    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
-    writer.close()
-    await writer.wait_closed()
-
-
-async def test_python_socks4(gateway: RunningGateway, echo_server: dict[str, int]) -> None:
-    proxy = Proxy.from_url(f"socks4://{gateway.url4}", rdns=True)
-    sock = await proxy.connect(dest_host="web6.test", dest_port=echo_server["v6"], timeout=5)
-    reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(b"four-a")
-    assert await asyncio.wait_for(reader.readexactly(6), 5) == b"four-a"
+    writer.write(payload)
+    assert await asyncio.wait_for(reader.readexactly(len(payload)), 5) == payload
     writer.close()
     await writer.wait_closed()
 
