@@ -20,7 +20,7 @@ import pytest
 from tests.dnsserver import DnsServer, dns_server_factory  # noqa: F401 (fixture)
 from translator.cli import fast_paths_enabled
 from translator.config import Config, config_from_mapping
-from translator.server import Gateway
+from translator.gateway.server import Gateway
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 HTTP_BODY = b"socks64 test page\n"

@@ -121,7 +121,7 @@ def _serve(config_path: str | None, listen: list[Endpoint] | None) -> int:
 
 
 async def _run(config: Config, listen: list[Endpoint] | None) -> None:
-    from .server import Gateway
+    from translator.gateway.server import Gateway
 
     gateway = Gateway(config)
     stop = asyncio.Event()

@@ -19,7 +19,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import pytest
 from pyroute2 import netns
 
-from translator.interfaces import (
+from translator.net.interfaces import (
     IFF_MULTICAST,
     IFF_RUNNING,
     IFF_UP,

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from translator.relay import SPLICE_AFTER, SocketRelay
+from translator.relay.tcp import SPLICE_AFTER, SocketRelay
 
 pytestmark = pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
 

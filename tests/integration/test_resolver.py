@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnsserver import DnsServer, DnsServerError, ipv6_loopback_available
-from translator.resolver import ResolveError, Resolver
+from translator.net.resolver import ResolveError, Resolver
 
 A = {
     "v4.test": ["127.0.0.1"],

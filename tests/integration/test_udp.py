@@ -13,7 +13,7 @@ import socks as pysocks
 
 from tests.conftest import GatewayFactory, RunningGateway
 from translator.client import SocksClient, SocksReplyError
-from translator.client_udp import UdpSession
+from translator.client.udp import UdpSession
 from translator.wire import (
     AddressId,
     ControlRequest,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from translator.fragments import Reassembler
+from translator.relay.fragments import Reassembler
 
 DEST = ("192.0.2.1", 53)
 OTHER = ("2001:db8::1", 53)

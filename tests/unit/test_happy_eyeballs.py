@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from translator.happy_eyeballs import IPAddress, connect_happy, connect_socket, order_addresses
+from translator.net.happy_eyeballs import IPAddress, connect_happy, connect_socket, order_addresses
 
 V6_A, V6_B = IPv6Address("2001:db8::1"), IPv6Address("2001:db8::2")
 V4_A, V4_B, V4_C = IPv4Address("192.0.2.1"), IPv4Address("192.0.2.2"), IPv4Address("192.0.2.3")

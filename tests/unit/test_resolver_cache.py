@@ -1,4 +1,4 @@
-"""Pure parts of translator.resolver: cache, name rules, nameserver forms, hosts file."""
+"""Pure parts of translator.net.resolver: cache, name rules, nameserver forms, hosts file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from translator.resolver import (
+from translator.net.resolver import (
     HostsFile,
     ResolveError,
     Resolver,

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
 
-from .addressing import IPAddress, family_of, sockaddr_ip
-from .interfaces import ip_mreqn, ipv6_mreq
+from translator.net.addresses import IPAddress, family_of, sockaddr_ip
+from translator.net.interfaces import ip_mreqn, ipv6_mreq
 
 if TYPE_CHECKING:
-    from .netlink_thread import InterfaceWatcher
+    from translator.net.watcher import InterfaceWatcher
 
 log = logging.getLogger("socks64.multicast")
 

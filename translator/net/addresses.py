@@ -6,8 +6,7 @@ import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from addrmap import Owner, Target
-
-from .wire import Address, AddressId
+from translator.wire import Address, AddressId
 
 IPAddress = IPv4Address | IPv6Address
 

@@ -14,14 +14,12 @@ import socket
 from typing import TYPE_CHECKING
 
 from addrmap import AddrMapError, Owner, Target
-
-from . import policy as pol
-from .addressing import IPAddress, as_target, owner_for, sockaddr_ip
-from .channel import Channel, ChannelClosed
-from .relay import RelayStats, relay
-from .replies import GatewayError, describe, rep_for
-from .resolver import ResolveError
-from .wire import (
+from translator import policy as pol
+from translator.net.addresses import IPAddress, as_target, owner_for, sockaddr_ip
+from translator.net.resolver import ResolveError
+from translator.relay.channel import Channel, ChannelClosed
+from translator.relay.tcp import RelayStats, relay
+from translator.wire import (
     FLAG_REAL_FAMILY,
     NEED_DATA,
     PAUSED,
@@ -40,6 +38,8 @@ from .wire import (
     Socks6Attempt,
     UserPassRequest,
 )
+
+from .replies import GatewayError, describe, rep_for
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -240,11 +240,11 @@ class Session:
 
             await serve_connect(self, request)
         elif base == Command.BIND:
-            from .bind_requests import serve_bind
+            from .bind import serve_bind
 
             await serve_bind(self, request)
         else:
-            from .udp_requests import serve_udp
+            from .udp import serve_udp
 
             await serve_udp(self, request)
 

@@ -11,13 +11,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from . import policy as pol
-from .addressing import IPAddress, family_of, local_address_toward
-from .replies import GatewayError, describe, rep_for
-from .resolver import ResolveError
-from .session import ClientGone
-from .udp_relay import UdpAssociation
-from .wire import (
+from translator import policy as pol
+from translator.net.addresses import IPAddress, family_of, local_address_toward
+from translator.net.resolver import ResolveError
+from translator.relay.udp import UdpAssociation
+from translator.wire import (
     FLAG_REAL_FAMILY,
     FLAG_UDP_INTERFACE_REQUEST,
     FLAG_UDP_TUNNEL,
@@ -37,6 +35,9 @@ from .wire import (
     TunnelDatagram,
     UdpDatagram,
 )
+
+from .replies import GatewayError, describe, rep_for
+from .session import ClientGone
 
 if TYPE_CHECKING:
     from .session import Session

@@ -12,15 +12,10 @@ from ipaddress import IPv4Address
 from typing import TYPE_CHECKING
 
 from addrmap import AddrMapError
-
-from . import policy as pol
-from .addressing import IPAddress, is_unspecified
-from .bind_requests import Expected, accept_while_client_waits, open_listener
-from .connect import open_destination
-from .replies import GatewayError, describe
-from .resolver import ResolveError
-from .session import ClientGone
-from .wire import (
+from translator import policy as pol
+from translator.net.addresses import IPAddress, is_unspecified
+from translator.net.resolver import ResolveError
+from translator.wire import (
     UNSPECIFIED_V4,
     Phase,
     Rep,
@@ -29,6 +24,11 @@ from .wire import (
     Socks4Request,
     Socks4Status,
 )
+
+from .bind import Expected, accept_while_client_waits, open_listener
+from .connect import open_destination
+from .replies import GatewayError, describe
+from .session import ClientGone
 
 if TYPE_CHECKING:
     from .session import Session

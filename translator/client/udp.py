@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .wire import (
+from translator.wire import (
     Address,
     ControlRequest,
     ControlSub,
@@ -27,8 +27,7 @@ from .wire import (
     encode_tunnel_frame,
 )
 
-if TYPE_CHECKING:
-    from .client import SocksClient
+from .connection import ControlConnection, SocksReplyError
 
 
 class _Inbox(asyncio.DatagramProtocol):
@@ -43,7 +42,7 @@ class _Inbox(asyncio.DatagramProtocol):
 class UdpSession:
     """An open UDP association. Datagrams to the client arrive in ``recv()``."""
 
-    def __init__(self, client: SocksClient, reply: Reply, tunnel: bool) -> None:
+    def __init__(self, client: ControlConnection, reply: Reply, tunnel: bool) -> None:
         self.client = client
         self.reply = reply
         self.tunnel = tunnel
@@ -112,8 +111,6 @@ class UdpSession:
 
     async def control(self, request: ControlRequest, timeout: float = 5.0) -> Reply:  # noqa: ASYNC109
         """Send a control channel request; raises SocksReplyError on a failure reply."""
-        from .client import SocksReplyError
-
         data = request.encode()
         self.client.writer.write(encode_tunnel_frame(data) if self.tunnel else data)
         await self.client.writer.drain()
@@ -153,9 +150,9 @@ class UdpSession:
         await self.close()
 
 
-def client_udp_socket(client: SocksClient, port: int = 0) -> socket.socket:
+def client_udp_socket(control: asyncio.StreamWriter, port: int = 0) -> socket.socket:
     """A UDP socket on the address our TCP connection uses, so the gateway knows us."""
-    local = client.writer.get_extra_info("sockname")
+    local = control.get_extra_info("sockname")
     family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:

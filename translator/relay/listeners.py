@@ -8,8 +8,7 @@ import socket
 from collections.abc import Callable
 
 from addrmap import Owner
-
-from .addressing import IPAddress, family_of, sockaddr_ip
+from translator.net.addresses import IPAddress, family_of, sockaddr_ip
 
 
 class BindListener:

@@ -8,11 +8,10 @@ from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 from addrmap import Target
-
-from . import policy as pol
-from .addressing import in_client_family, sockaddr_ip
-from .happy_eyeballs import connect_happy, connect_socket
-from .wire import FLAG_REAL_FAMILY, Address, AddressId, Phase, Rep, Reply, Request
+from translator import policy as pol
+from translator.net.addresses import in_client_family, sockaddr_ip
+from translator.net.happy_eyeballs import connect_happy, connect_socket
+from translator.wire import FLAG_REAL_FAMILY, Address, AddressId, Phase, Rep, Reply, Request
 
 if TYPE_CHECKING:
     from .session import Session

@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
-from .wire import (
+from translator.wire import (
     FLAG_BIND_MULTI,
     FLAG_BIND_PORT,
     FLAG_REAL_FAMILY,
@@ -42,22 +41,10 @@ from .wire import (
     decode_userpass_reply,
 )
 
-if TYPE_CHECKING:
-    from .client_udp import UdpSession
+from .connection import ControlConnection, SocksReplyError
+from .udp import UdpSession, client_udp_socket
 
 __all__ = ["Address", "AddressId", "Listener", "SocksClient", "SocksReplyError", "Stream"]
-
-T = TypeVar("T")
-
-
-class SocksReplyError(Exception):
-    """The gateway answered with a failure reply (``rep``) or refused the handshake."""
-
-    def __init__(self, rep: int, message: str = "") -> None:
-        name = Rep(rep).name if rep in Rep._value2member_map_ else str(rep)
-        super().__init__(message or f"SOCKS reply {rep:#04x} {name}")
-        self.rep = rep
-
 
 @dataclass
 class Stream:
@@ -94,13 +81,8 @@ class Listener:
         await self.client.close()
 
 
-class SocksClient:
+class SocksClient(ControlConnection):
     """One negotiated control connection to a SOCKS5 gateway."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self._buffer = bytearray()
 
     @classmethod
     async def open(
@@ -124,18 +106,6 @@ class SocksClient:
             await client.close()
             raise
         return client
-
-    async def _read(self, decode: Callable[[bytearray], tuple[T, int] | None]) -> T:
-        while True:
-            got = decode(self._buffer)
-            if got is not None:
-                message, used = got
-                del self._buffer[:used]
-                return message
-            data = await self.reader.read(4096)
-            if not data:
-                raise ConnectionError("gateway closed the connection")
-            self._buffer += data
 
     async def _negotiate(self, username: str | None, password: str | None) -> None:
         methods = [Method.NO_AUTH] if username is None else [Method.USERNAME_PASSWORD]
@@ -231,15 +201,13 @@ class SocksClient:
     ) -> UdpSession:
         """UDP ASSOCIATE (UDP+AA with ``aa``). We declare our UDP endpoint, so the gateway
         can send to us before we send (receive first)."""
-        from .client_udp import UdpSession, client_udp_socket
-
         flag = (
             (FLAG_UDP_TUNNEL if tunnel else 0)
             | (FLAG_UDP_INTERFACE_REQUEST if interface_request else 0)
             | (FLAG_UDP_USECLIENTSPORT if use_client_port else 0)
             | (FLAG_REAL_FAMILY if real_family else 0)
         )
-        sock = None if tunnel else client_udp_socket(self, port)
+        sock = None if tunnel else client_udp_socket(self.writer, port)
         try:
             declared: Address = IPv4Address(0)
             declared_port = 0
@@ -255,11 +223,6 @@ class SocksClient:
                 sock.close()
             raise
         return session
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.wait_closed()
 
     async def __aenter__(self) -> SocksClient:
         return self

@@ -14,19 +14,20 @@ import time
 from collections.abc import Callable, Sequence
 
 from addrmap import AddressTable
+from translator.auth import Credentials
+from translator.config import Config, Endpoint
+from translator.net.addresses import IPAddress
+from translator.net.happy_eyeballs import order_addresses
+from translator.net.interfaces import Interface, InterfaceAddress
+from translator.net.resolver import Resolver
+from translator.net.watcher import InterfaceWatcher
+from translator.ratelog import RateLimitedLog
+from translator.relay.channel import Channel
+from translator.relay.listeners import MultiRegistry
+from translator.relay.multicast import MulticastHub
+from translator.relay.udp import UdpAssociation
 
-from .addressing import IPAddress
-from .auth import Credentials
-from .bind import MultiRegistry
-from .channel import Channel
-from .config import Config, Endpoint
-from .happy_eyeballs import order_addresses
-from .interfaces import Interface, InterfaceAddress
-from .multicast import MulticastHub
-from .netlink_thread import InterfaceWatcher
-from .resolver import Resolver
 from .session import Session
-from .udp_relay import UdpAssociation
 
 log = logging.getLogger("socks64.server")
 
@@ -73,33 +74,6 @@ def _listening_socket(endpoint: Endpoint) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-class RateLimitedLog:
-    """Log a recurring condition at most once per ``interval``, with a count of the rest."""
-
-    def __init__(
-        self,
-        interval: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-        level: int = logging.WARNING,
-    ) -> None:
-        self.interval = interval
-        self.clock = clock
-        self.level = level
-        self._next = 0.0
-        self._suppressed = 0
-
-    def __call__(self, logger: logging.Logger, message: str, *args: object) -> None:
-        now = self.clock()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            message += f" (and {self._suppressed} more)"
-            self._suppressed = 0
-        self._next = now + self.interval
-        logger.log(self.level, message, *args)
 
 
 class Gateway:

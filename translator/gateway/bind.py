@@ -15,13 +15,16 @@ import socket
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
 
-from . import policy as pol
-from .addressing import IPAddress, in_client_family, is_unspecified, local_address_toward
-from .bind import BindListener
-from .happy_eyeballs import order_addresses
-from .replies import GatewayError
-from .session import ClientGone
-from .wire import (
+from translator import policy as pol
+from translator.net.addresses import (
+    IPAddress,
+    in_client_family,
+    is_unspecified,
+    local_address_toward,
+)
+from translator.net.happy_eyeballs import order_addresses
+from translator.relay.listeners import BindListener
+from translator.wire import (
     FLAG_BIND_MULTI,
     FLAG_BIND_PORT,
     FLAG_REAL_FAMILY,
@@ -33,6 +36,9 @@ from .wire import (
     Reply,
     Request,
 )
+
+from .replies import GatewayError
+from .session import ClientGone
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -17,11 +17,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import policy as pol
-from .addressing import IPAddress, family_of, sockaddr_ip
-from .fragments import Reassembler
-from .resolver import ResolveError
-from .wire import (
+from translator import policy as pol
+from translator.net.addresses import IPAddress, family_of, sockaddr_ip
+from translator.net.resolver import ResolveError
+from translator.wire import (
     Address,
     AddressId,
     RemoteProtocolError,
@@ -30,10 +29,13 @@ from .wire import (
     encode_tunnel_frame,
 )
 
+from .fragments import Reassembler
+
 if TYPE_CHECKING:
+    from translator.gateway.session import Session
+
     from .channel import Channel
     from .multicast import Membership
-    from .session import Session
 
 log = logging.getLogger("socks64.udp")
 

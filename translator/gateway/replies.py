@@ -9,9 +9,8 @@ from __future__ import annotations
 import errno
 
 from addrmap import AddrMapError
-
-from .resolver import ResolveError
-from .wire import RemoteProtocolError, Rep
+from translator.net.resolver import ResolveError
+from translator.wire import RemoteProtocolError, Rep
 
 _BY_ERRNO: dict[int, Rep] = {
     errno.ECONNREFUSED: Rep.CONNECTION_REFUSED,

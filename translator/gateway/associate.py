@@ -12,12 +12,12 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
 
 from addrmap import Target
+from translator import policy as pol
+from translator.net.happy_eyeballs import order_addresses
+from translator.net.resolver import ResolveError, normalize_name
+from translator.wire import FLAG_REAL_FAMILY, Address, AddressId, Atyp, Rep, Reply, Request
 
-from . import policy as pol
-from .happy_eyeballs import order_addresses
 from .replies import GatewayError
-from .resolver import ResolveError, normalize_name
-from .wire import FLAG_REAL_FAMILY, Address, AddressId, Atyp, Rep, Reply, Request
 
 if TYPE_CHECKING:
     from .session import Session
