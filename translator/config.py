@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .keys import check_keys
 from .policy import Policy, PolicyError
 
 DEFAULT_CONFIG_NAME = "socks64.yaml"
@@ -150,9 +151,7 @@ def _section(data: Mapping[str, Any], name: str, allowed: Sequence[str]) -> Mapp
     value = data.get(name) or {}
     if not isinstance(value, Mapping):
         raise ConfigError(name, "must be a mapping")
-    for key in value:
-        if key not in allowed:
-            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(allowed)})")
+    check_keys(value, allowed, name, ConfigError)
     return value
 
 
@@ -206,9 +205,7 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
         "udp",
         "policy",
     )
-    for key in data:
-        if key not in known:
-            raise ConfigError(str(key), f"unknown key (known: {', '.join(known)})")
+    check_keys(data, known, "", ConfigError)
 
     listen_raw = data.get("listen", ["127.0.0.1:1080", "[::1]:1080"])
     if isinstance(listen_raw, str) or not isinstance(listen_raw, Sequence) or not listen_raw:
@@ -340,9 +337,7 @@ def _multicast_interfaces(value: Any) -> tuple[str | None, str | None]:
         return value, value
     if not isinstance(value, Mapping):
         raise ConfigError(key, "must be an interface name or {ipv4: NAME, ipv6: NAME}")
-    for family in value:
-        if family not in ("ipv4", "ipv6"):
-            raise ConfigError(f"{key}.{family}", "unknown key (known: ipv4, ipv6)")
+    check_keys(value, ("ipv4", "ipv6"), key, ConfigError)
     names = (value.get("ipv4"), value.get("ipv6"))
     for family, name in zip(("ipv4", "ipv6"), names, strict=True):
         if name is not None and not isinstance(name, str):

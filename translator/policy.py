@@ -46,6 +46,8 @@ from typing import Any, Literal
 
 from netaddr import AddrFormatError, IPNetwork, IPSet
 
+from .keys import check_keys
+
 __all__ = [
     "Command",
     "Decision",
@@ -287,11 +289,7 @@ class Policy:
         """
         if not isinstance(data, Mapping):
             raise PolicyError(key, "must be a mapping")
-        for name in data:
-            if name not in _POLICY_KEYS:
-                raise PolicyError(
-                    f"{key}.{name}", f"unknown key; expected one of {', '.join(_POLICY_KEYS)}"
-                )
+        check_keys(data, _POLICY_KEYS, key, PolicyError)
         default = _parse_action(data.get("default", "deny"), f"{key}.default")
         raw_rules = data.get("rules", [])
         if raw_rules is None:
@@ -376,11 +374,7 @@ def _parse_action(value: object, key: str) -> Action:
 def _parse_rule(data: object, key: str) -> Rule:
     if not isinstance(data, Mapping):
         raise PolicyError(key, "a rule must be a mapping")
-    for name in data:
-        if name not in _RULE_KEYS:
-            raise PolicyError(
-                f"{key}.{name}", f"unknown key; expected one of {', '.join(_RULE_KEYS)}"
-            )
+    check_keys(data, _RULE_KEYS, key, PolicyError)
     if "action" not in data:
         raise PolicyError(f"{key}.action", "missing; every rule needs 'allow' or 'deny'")
     action = _parse_action(data["action"], f"{key}.action")

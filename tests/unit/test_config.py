@@ -88,6 +88,38 @@ def test_errors_name_the_key(data: dict, key: str) -> None:
     assert str(caught.value).startswith(key)
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"lsiten": []},
+            "lsiten: unknown key (known: listen, auth, resolver, timeouts, limits, addrmap,"
+            " bind, outbound, udp, policy)",
+        ),
+        (
+            {"resolver": {"foo": 1}},
+            "resolver.foo: unknown key (known: nameservers, timeout, tries, cache_size,"
+            " hosts_file, prefer, happy_eyeballs_delay)",
+        ),
+        (
+            {"udp": {"multicast_interface": {"ipv5": "eth0"}}},
+            "udp.multicast_interface.ipv5: unknown key (known: ipv4, ipv6)",
+        ),
+    ],
+)
+def test_unknown_key_lists_the_known_keys(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping(data)
+    assert str(caught.value) == message
+
+
+def test_unknown_policy_key_has_the_config_wording() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping({"policy": {"rules": [{"action": "allow", "bar": 1}]}})
+    assert caught.value.key == "policy.rules[0].bar"
+    assert "policy.rules[0].bar: unknown key (known: action, clients, users," in str(caught.value)
+
+
 def test_multicast_interface_forms() -> None:
     both = config_from_mapping({"udp": {"multicast_interface": "eth1"}}).udp
     assert (both.multicast_interface_v4, both.multicast_interface_v6) == ("eth1", "eth1")

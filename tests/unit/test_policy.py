@@ -406,6 +406,23 @@ def test_config_error_uses_given_key_prefix() -> None:
     assert caught.value.key == "listeners[1].policy.rules[0].ports[0]"
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"defualt": "deny"}, "policy.defualt: unknown key (known: default, rules)"),
+        (
+            {"rules": [rule(client=["127.0.0.1"])]},
+            "policy.rules[0].client: unknown key (known: action, clients, users, commands,"
+            " destinations, domains, ports, comment)",
+        ),
+    ],
+)
+def test_unknown_key_lists_the_known_keys(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_config(config)
+    assert str(caught.value) == message
+
+
 def test_host_bits_error_suggests_the_network() -> None:
     with pytest.raises(PolicyError, match=r"192\.0\.2\.0/24"):
         make_policy(rule(clients=["192.0.2.5/24"]))
