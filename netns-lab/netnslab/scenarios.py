@@ -1,9 +1,9 @@
 """Lab scenarios: each acts as a user in a running lab and checks what that user would see.
 
-A scenario is a function ``(lab) -> str`` registered with `scenario`; it returns a short
-note on success and raises `ScenarioFailure` (via `check`) on failure. `run_scenario`
-turns that into an `Outcome`. Scenarios are tagged with the topology they are written
-for; a topology file may list the scenarios that apply to it instead.
+Scenarios are registered with `scenario` or, when written once for both directions across
+the gateway, `directed` (see `netnslab.scenario_kit`); `run_scenario` turns one into an
+`Outcome`. Scenarios are tagged with the topology they are written for; a topology file may
+list the scenarios that apply to it instead. Importing this module registers them all.
 """
 
 from __future__ import annotations
@@ -31,23 +31,35 @@ from netnslab.driver import (
     run_probe,
 )
 from netnslab.lab import Lab
+from netnslab.scenario_kit import (
+    GATEWAY,
+    PREF_DOMAIN,
+    PREF_IPV4,
+    PREF_IPV6,
+    REP_HOST_UNREACHABLE,
+    REP_NETWORK_UNREACHABLE,
+    REP_REFUSED,
+    REP_TTL_EXPIRED,
+    SCENARIOS,
+    V4_TO_V6,
+    V6_TO_V4,
+    Direction,
+    Scenario,
+    ask,
+    associate_one,
+    body_of,
+    directed,
+    endpoint_text,
+    gw_address_toward,
+    proxy,
+    scenario,
+)
 from netnslab.services import reverse_name
 from netnslab.topology import Topology
 
-GATEWAY = "gw/gateway"
-PREF_IPV4, PREF_DOMAIN, PREF_IPV6, PREF_ID = 0x01, 0x03, 0x04, 0x08
-REP_NETWORK_UNREACHABLE, REP_HOST_UNREACHABLE, REP_REFUSED, REP_TTL_EXPIRED = 3, 4, 5, 6
+__all__ = ["SCENARIOS", "Outcome", "Scenario", "run_all", "run_scenario", "scenarios_for"]
+
 S4_HELLO, S6_HELLO = "hello from s4", "hello from s6"
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """A registered scenario."""
-
-    name: str
-    topology: str
-    summary: str
-    func: Callable[[Lab], str]
 
 
 @dataclass(frozen=True)
@@ -58,22 +70,6 @@ class Outcome:
     passed: bool
     detail: str
     seconds: float
-
-
-SCENARIOS: dict[str, Scenario] = {}
-
-
-def scenario(
-    name: str, topology: str = "default"
-) -> Callable[[Callable[[Lab], str]], Callable[[Lab], str]]:
-    """Register a scenario under ``name`` for ``topology``; the docstring is its summary."""
-
-    def register(func: Callable[[Lab], str]) -> Callable[[Lab], str]:
-        summary = (func.__doc__ or name).strip().splitlines()[0]
-        SCENARIOS[name] = Scenario(name, topology, summary, func)
-        return func
-
-    return register
 
 
 def scenarios_for(topology: Topology) -> list[Scenario]:
@@ -100,34 +96,6 @@ def run_all(lab: Lab, names: Iterable[str] | None = None) -> list[Outcome]:
     """Run the named scenarios (default: those for the lab's topology) in order."""
     chosen = list(names) if names else [s.name for s in scenarios_for(lab.topology)]
     return [run_scenario(lab, name) for name in chosen]
-
-
-def _body(result: dict[str, Any], key: str = "body") -> str:
-    return str(result.get(key, ""))
-
-
-def _proxy(lab: Lab, client: str) -> str:
-    return gateway_endpoint(lab, client)
-
-
-def _ask(
-    lab: Lab, client: str, action: str, what: str, timeout: float = 20.0, **options: object
-) -> dict[str, Any]:
-    """Run a probe action in ``client`` through its gateway; fail naming ``what`` on error.
-
-    ``options`` become probe flags: ``dest="x"`` -> ``--dest x``, ``multi=True`` -> ``--multi``.
-    """
-    args = ["--proxy", _proxy(lab, client)]
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
-    return expect_ok(run_probe(lab, client, action, *args, timeout=timeout), what)
-
-
-def _gw_address_toward(lab: Lab, node: str, version: int) -> str:
-    """gw's own address on the segment it shares with ``node``."""
-    link = lab.topology.link_between("gw", node)
-    return next(str(a.ip) for a in link.end("gw").addresses if a.version == version)
 
 
 # --- the network itself (no gateway needed) ----------------------------------------------
@@ -186,22 +154,23 @@ def dns_zone(lab: Lab) -> str:
 # --- v4-only client to v6-only server, and back --------------------------------------------
 
 
-@scenario("v4-to-v6-curl")
-def v4_to_v6_curl(lab: Lab) -> str:
-    """c4 fetches http://v6.lab.test with curl over socks5h:// (name resolved by gw)."""
+@directed(("v4-to-v6-curl", V4_TO_V6))
+def curl_across(lab: Lab, way: Direction) -> str:
+    """{client} fetches http://{name} with curl over socks5h:// (name resolved by gw)."""
     require_services(lab, GATEWAY)
-    body = curl(lab, "c4", "http://v6.lab.test:8080/", proxy=f"socks5h://{_proxy(lab, 'c4')}")
-    check(S6_HELLO in body, f"unexpected body {body!r}")
-    seen_as = _gw_address_toward(lab, "s6", 6)
-    check(f"client {seen_as}" in body, f"s6 should see the gateway ({seen_as}): {body!r}")
-    return f"s6 saw the connection come from {seen_as}"
+    url = f"http://{way.name}:8080/"
+    body = curl(lab, way.client, url, proxy=f"socks5h://{proxy(lab, way.client)}")
+    check(way.hello in body, f"unexpected body {body!r}")
+    seen_as = gw_address_toward(lab, way.server, way.server_version)
+    check(f"client {seen_as}" in body, f"{way.server} should see the gateway ({seen_as}): {body!r}")
+    return f"{way.server} saw the connection come from {seen_as}"
 
 
 @scenario("v4-to-v6-ncat")
 def v4_to_v6_ncat(lab: Lab) -> str:
     """c4 talks HTTP to v6.lab.test with ncat --proxy-type socks5 --proxy-dns remote."""
     require_services(lab, GATEWAY)
-    body = ncat_http(lab, "c4", _proxy(lab, "c4"), "v6.lab.test", 8080)
+    body = ncat_http(lab, "c4", proxy(lab, "c4"), "v6.lab.test", 8080)
     check(S6_HELLO in body, f"unexpected reply {body!r}")
     return "ncat got s6's page"
 
@@ -210,66 +179,45 @@ def v4_to_v6_ncat(lab: Lab) -> str:
 def v4_to_v6_python_socks(lab: Lab) -> str:
     """c4 fetches v6.lab.test through python-socks (rdns)."""
     require_services(lab, GATEWAY)
-    result = _ask(lab, "c4", "pysocks", "python-socks", dest="v6.lab.test", port=8080)
-    check(S6_HELLO in _body(result), f"unexpected body {_body(result)!r}")
+    result = ask(lab, "c4", "pysocks", "python-socks", dest="v6.lab.test", port=8080)
+    check(S6_HELLO in body_of(result), f"unexpected body {body_of(result)!r}")
     return "python-socks got s6's page"
 
 
-@scenario("v4-to-v6-address-id")
-def v4_to_v6_address_id(lab: Lab) -> str:
-    """c4 gets s6's AAAA, then an ADDRESS ID for it, and CONNECTs by that ID (twice)."""
+@directed(("v4-to-v6-address-id", V4_TO_V6))
+def address_id_across(lab: Lab, way: Direction) -> str:
+    """{client} gets {server}'s {record}, then an ADDRESS ID for it, and CONNECTs by that ID
+    (twice); python-socks works too."""
     require_services(lab, GATEWAY)
-    forward = _ask(
-        lab,
-        "c4",
-        "associate",
-        "ADDRESS ASSOCIATE v6.lab.test as IPv6",
-        pref=PREF_IPV6,
-        targets="v6.lab.test",
-    )
-    first = forward["results"][0]
+    what = f"ADDRESS ASSOCIATE {way.name} as IPv{way.server_version}"
+    first = associate_one(lab, way.client, way.name, way.pref, what)
     check(first["ok"], f"forward DNS through gw failed: {first}")
-    s6 = first["bound"]["text"]
-    check(s6 == lab.address("s6", 6), f"v6.lab.test resolved to {s6}")
-    result = _ask(lab, "c4", "id-http", "CONNECT by ADDRESS ID", dest=s6, port=8080)
+    address = first["bound"]["text"]
+    check(
+        address == lab.address(way.server, way.server_version), f"{way.name} resolved to {address}"
+    )
+    result = ask(lab, way.client, "id-http", "CONNECT by ADDRESS ID", dest=address, port=8080)
     check(result["id"]["kind"] == "id", f"ADDRESS ASSOCIATE gave {result['id']}, not an ID")
-    check(S6_HELLO in _body(result), "CONNECT by ID on the associating connection")
-    check(S6_HELLO in _body(result, "body_again"), "CONNECT by the same ID on a new connection")
-    return f"{s6} is {result['id']['text']}"
+    check(way.hello in body_of(result), "CONNECT by ID on the associating connection")
+    check(way.hello in body_of(result, "body_again"), "CONNECT by the same ID on a new connection")
+    pysocks = ask(lab, way.client, "pysocks", "python-socks", dest=way.name, port=8080)
+    check(way.hello in body_of(pysocks), "python-socks body")
+    return f"{address} is {result['id']['text']}"
 
 
 @scenario("v4-to-v6-connect-aa")
 def v4_to_v6_connect_aa(lab: Lab) -> str:
     """c4 CONNECT+AA to v6.lab.test: the reply carries an ID that works on a new connection."""
     require_services(lab, GATEWAY)
-    result = _ask(lab, "c4", "connect-aa", "CONNECT+AA", dest="v6.lab.test", port=8080)
+    result = ask(lab, "c4", "connect-aa", "CONNECT+AA", dest="v6.lab.test", port=8080)
     check(result["bound"]["kind"] == "id", f"CONNECT+AA reply BND is {result['bound']}")
-    check(S6_HELLO in _body(result) and S6_HELLO in _body(result, "body_again"), "bodies")
+    check(S6_HELLO in body_of(result) and S6_HELLO in body_of(result, "body_again"), "bodies")
     return f"BND {result['bound']['text']}"
 
 
-@scenario("v6-to-v4-curl")
-def v6_to_v4_curl(lab: Lab) -> str:
-    """The reverse direction: c6 fetches http://v4.lab.test with curl over socks5h://."""
-    require_services(lab, GATEWAY)
-    body = curl(lab, "c6", "http://v4.lab.test:8080/", proxy=f"socks5h://{_proxy(lab, 'c6')}")
-    check(S4_HELLO in body, f"unexpected body {body!r}")
-    seen_as = _gw_address_toward(lab, "s4", 4)
-    check(f"client {seen_as}" in body, f"s4 should see the gateway ({seen_as}): {body!r}")
-    return f"s4 saw the connection come from {seen_as}"
-
-
-@scenario("v6-to-v4-address-id")
-def v6_to_v4_address_id(lab: Lab) -> str:
-    """c6 associates s4's IPv4 address to an ID and CONNECTs by it; python-socks works too."""
-    require_services(lab, GATEWAY)
-    result = _ask(
-        lab, "c6", "id-http", "CONNECT by ADDRESS ID", dest=lab.address("s4", 4), port=8080
-    )
-    check(S4_HELLO in _body(result) and S4_HELLO in _body(result, "body_again"), "bodies")
-    pysocks = _ask(lab, "c6", "pysocks", "python-socks", dest="v4.lab.test", port=8080)
-    check(S4_HELLO in _body(pysocks), "python-socks body")
-    return f"s4 is {result['id']['text']}"
+# The reverse direction, from the same bodies (registered here to keep the listing order).
+directed(("v6-to-v4-curl", V6_TO_V4))(curl_across)
+directed(("v6-to-v4-address-id", V6_TO_V4))(address_id_across)
 
 
 # --- DNS delegation through ADR.PREF -----------------------------------------------------
@@ -287,17 +235,9 @@ def dns_forward(lab: Lab) -> str:
         ("dual.lab.test", PREF_IPV6, s6),
     ]
     for name, pref, expected in wanted:
-        result = _ask(lab, "c4", "associate", f"associate {name}", pref=pref, targets=name)
-        got = result["results"][0]
+        got = associate_one(lab, "c4", name, pref, f"associate {name}")
         check(got["ok"] and got["bound"]["text"] == expected, f"{name} pref {pref}: {got}")
-    missing = _ask(
-        lab,
-        "c4",
-        "associate",
-        "associate v6.lab.test as IPv4",
-        pref=PREF_IPV4,
-        targets="v6.lab.test",
-    )["results"][0]
+    missing = associate_one(lab, "c4", "v6.lab.test", PREF_IPV4, "associate v6.lab.test as IPv4")
     check(
         not missing["ok"] and missing["rep"] == REP_HOST_UNREACHABLE,
         f"a name without A asked as IPv4 must be REP 4, got {missing}",
@@ -311,14 +251,8 @@ def dns_reverse(lab: Lab) -> str:
     require_services(lab, GATEWAY)
     for client in ("c4", "c6"):
         for server, version, name in (("s6", 6, "v6.lab.test"), ("s4", 4, "v4.lab.test")):
-            got = _ask(
-                lab,
-                client,
-                "associate",
-                f"reverse of {server} from {client}",
-                pref=PREF_DOMAIN,
-                targets=lab.address(server, version),
-            )["results"][0]
+            what = f"reverse of {server} from {client}"
+            got = associate_one(lab, client, lab.address(server, version), PREF_DOMAIN, what)
             check(
                 got["ok"] and got["bound"] == {"kind": "domain", "text": name},
                 f"{client}: PTR of {server}: {got}",
@@ -335,8 +269,7 @@ def _peer_talk(lab: Lab, peer: str, endpoint: str, line: str) -> dict[str, Any]:
 
 def _gw_endpoint_for(lab: Lab, peer: str, version: int, port: int) -> str:
     # The peer connects to the gateway's address on the peer's own segment.
-    address = _gw_address_toward(lab, peer, version)
-    return f"[{address}]:{port}" if version == 6 else f"{address}:{port}"
+    return endpoint_text(gw_address_toward(lab, peer, version), port)
 
 
 @scenario("bind-v6-peer")
@@ -344,7 +277,7 @@ def bind_v6_peer(lab: Lab) -> str:
     """c4 BINDs expecting s6; s6 (IPv6-only) connects back to the gateway and they talk."""
     require_services(lab, GATEWAY)
     argv = probe_argv(
-        "bind", "--proxy", _proxy(lab, "c4"), "--dest", lab.address("s6", 6), "--timeout", "15"
+        "bind", "--proxy", proxy(lab, "c4"), "--dest", lab.address("s6", 6), "--timeout", "15"
     )
     with lab.popen("c4", argv) as child:
         bound = read_json_line(child, 10)
@@ -366,7 +299,7 @@ def bind_multi(lab: Lab) -> str:
     argv = probe_argv(
         "bind",
         "--proxy",
-        _proxy(lab, "c4"),
+        proxy(lab, "c4"),
         "--dest",
         "0.0.0.0",
         "--multi",
@@ -403,7 +336,7 @@ def fault_link_down(lab: Lab) -> str:
     argv = probe_argv(
         "hold-stream",
         "--proxy",
-        _proxy(lab, "c4"),
+        proxy(lab, "c4"),
         "--dest",
         "v6.lab.test",
         "--port",
@@ -425,7 +358,7 @@ def fault_link_down(lab: Lab) -> str:
         check(not leftover, f"gw still holds sessions toward s6: {leftover}")
     finally:
         lab.set_link("s6", "gw", up=True)
-    body = curl(lab, "c4", "http://v6.lab.test:8080/", proxy=f"socks5h://{_proxy(lab, 'c4')}")
+    body = curl(lab, "c4", "http://v6.lab.test:8080/", proxy=f"socks5h://{proxy(lab, 'c4')}")
     check(S6_HELLO in body, "gw does not serve s6 again after the link came back")
     return f"{final['ended']} {after:.1f}s after link down; served again after link up"
 
@@ -434,12 +367,12 @@ def fault_link_down(lab: Lab) -> str:
 def fault_route_removed(lab: Lab) -> str:
     """gw loses its route to far.lab.test's network: REP 3; the route returns: served again."""
     require_services(lab, GATEWAY)
-    curl_proxy = f"socks5h://{_proxy(lab, 'c4')}"
+    curl_proxy = f"socks5h://{proxy(lab, 'c4')}"
     check(S6_HELLO in curl(lab, "c4", "http://far.lab.test:8080/", proxy=curl_proxy), "before")
     route = next(str(r.to) for r in lab.topology.nodes["gw"].routes if r.to.prefixlen == 64)
     lab.delete_route("gw", route)
     try:
-        result = _ask(
+        result = ask(
             lab, "c4", "expect-failure", "CONNECT far.lab.test", dest="far.lab.test", port=8080
         )
     finally:
@@ -462,7 +395,7 @@ def fault_dns_stopped(lab: Lab) -> str:
     fresh = f"n{secrets.token_hex(4)}.any.lab.test"  # never cached by the gateway
     lab.signal_service("dns", "dnsmasq", signal.SIGSTOP)
     try:
-        result = _ask(
+        result = ask(
             lab,
             "c4",
             "expect-failure",
@@ -471,7 +404,7 @@ def fault_dns_stopped(lab: Lab) -> str:
             port=8080,
             timeout=budget + 10,
         )
-        literal = _ask(
+        literal = ask(
             lab,
             "c4",
             "http",
@@ -486,8 +419,8 @@ def fault_dns_stopped(lab: Lab) -> str:
         f"expected REP 4 with DNS down, got {result}",
     )
     check(result["elapsed"] <= budget, f"REP 4 took {result['elapsed']:.1f}s (budget {budget}s)")
-    check(S6_HELLO in _body(literal), "literal CONNECT body")
-    again = _ask(
+    check(S6_HELLO in body_of(literal), "literal CONNECT body")
+    again = ask(
         lab,
         "c4",
         "http",
@@ -495,7 +428,7 @@ def fault_dns_stopped(lab: Lab) -> str:
         dest=f"n{secrets.token_hex(4)}.any.lab.test",
         port=8080,
     )
-    check("hello from" in _body(again), "body after DNS came back")
+    check("hello from" in body_of(again), "body after DNS came back")
     return f"REP 4 after {result['elapsed']:.1f}s (budget {budget:.1f}s); recovered"
 
 
@@ -503,7 +436,7 @@ def fault_dns_stopped(lab: Lab) -> str:
 def fault_closed_port(lab: Lab) -> str:
     """CONNECT to a closed port on s6: REP 5 (connection refused), at once."""
     require_services(lab, GATEWAY)
-    result = _ask(lab, "c4", "expect-failure", "CONNECT v6.lab.test:9", dest="v6.lab.test", port=9)
+    result = ask(lab, "c4", "expect-failure", "CONNECT v6.lab.test:9", dest="v6.lab.test", port=9)
     check(result["failed"] and result["rep"] == REP_REFUSED, f"expected REP 5, got {result}")
     check(result["elapsed"] < 2.0, f"REP 5 took {result['elapsed']:.1f}s")
     return f"REP 5 in {result['elapsed']:.2f}s"
@@ -514,7 +447,7 @@ def fault_blackhole(lab: Lab) -> str:
     """CONNECT to hole.lab.test, whose packets vanish: REP 6 after the connect timeout."""
     require_services(lab, GATEWAY)
     limit = float(gateway_config(lab).get("timeouts", {}).get("connect", 10.0))
-    result = _ask(
+    result = ask(
         lab,
         "c4",
         "expect-failure",
@@ -556,12 +489,12 @@ def chain_two_hops(lab: Lab) -> str:
         ),
         "two-hop python-socks chain",
     )
-    body = _body(result)
+    body = body_of(result)
     check(S4_HELLO in body, f"unexpected body {body!r}")
     gw2_v4 = lab.address("gw2", 4)
     check(f"client {gw2_v4}" in body, f"s4 should see gw2 ({gw2_v4}) as the client: {body!r}")
     return "c4 -> gw1 -> [IPv6] -> gw2 -> s4"
 
 
-# The UDP and multicast scenarios register themselves on import (they use the helpers above).
+# After the scenarios above, so that `lab run` lists the UDP and multicast ones after them.
 from netnslab import scenarios_udp  # noqa: E402,F401

@@ -25,13 +25,24 @@ from netnslab.driver import (
     run_probe,
 )
 from netnslab.lab import Lab
-from netnslab.scenarios import GATEWAY, _ask, _gw_address_toward, _proxy, scenario
+from netnslab.scenario_kit import (
+    GATEWAY,
+    PREF_ID,
+    V4_TO_V6,
+    V6_TO_V4,
+    Direction,
+    ask,
+    associate_one,
+    directed,
+    endpoint_text,
+    gw_address_toward,
+    proxy,
+    scenario,
+)
 from netnslab.services import split_endpoint
 from netnslab.timing import poll_until
 
 FLAG_USECLIENTSPORT, FLAG_TUNNEL = 0x04, 0x20
-PREF_ID = 0x08
-V6_GROUP, V4_GROUP = "ff15::5:64", "239.64.0.1"  # the only group ranges the lab may use
 GROUP_PORT = 6464
 STREAM_LENGTH = 5  # datagrams a multicast sender sends
 CLOSE_LIMIT = 5.0  # seconds for the gateway to end an association whose address went away
@@ -53,7 +64,7 @@ def _ip(text: str) -> dict[str, str]:
 
 def _udp_echo(lab: Lab, client: str, dest: str, server: str, **options: object) -> dict[str, Any]:
     """Associate from ``client`` and echo with ``server``'s UDP echo at ``dest``."""
-    return _ask(
+    return ask(
         lab,
         client,
         "udp-echo",
@@ -72,7 +83,7 @@ def _check_replies(
     replies = result["replies"]
     check(len(replies) == count, f"{len(replies)} echoes of {count}: {replies}")
     version = 6 if server == "s6" else 4
-    gateway_side = _gw_address_toward(lab, server, version)
+    gateway_side = gw_address_toward(lab, server, version)
     for index, reply in enumerate(replies):
         check(reply["source"] == source, f"echo {index} shown from {reply['source']}, not {source}")
         check(reply["port"] == _echo_port(lab, server), f"echo {index} from port {reply['port']}")
@@ -84,8 +95,7 @@ def _check_replies(
 
 def _address_id(lab: Lab, client: str, name: str) -> str:
     """The ADDRESS ID the gateway gives ``client`` for ``name`` (ADR.PREF X'08')."""
-    result = _ask(lab, client, "associate", f"ADDRESS ASSOCIATE {name}", pref=PREF_ID, targets=name)
-    got = result["results"][0]
+    got = associate_one(lab, client, name, PREF_ID, f"ADDRESS ASSOCIATE {name}")
     check(got["ok"] and got["bound"]["kind"] == "id", f"no ID for {name}: {got}")
     return str(got["bound"]["text"])
 
@@ -93,44 +103,39 @@ def _address_id(lab: Lab, client: str, name: str) -> str:
 # --- unicast across families --------------------------------------------------------------
 
 
-@scenario("udp-v4-to-v6-name")
-def udp_v4_to_v6_name(lab: Lab) -> str:
-    """c4 exchanges datagrams with v6.lab.test's UDP echo; replies come from that name."""
+@directed(("udp-v4-to-v6-name", V4_TO_V6))
+def udp_by_name(lab: Lab, way: Direction) -> str:
+    """{client} exchanges datagrams with {name}'s UDP echo; replies come from that name."""
     require_services(lab, GATEWAY)
-    result = _udp_echo(lab, "c4", "v6.lab.test", "s6", count=2)
-    reached = split_endpoint(_proxy(lab, "c4"))[0]
+    result = _udp_echo(lab, way.client, way.name, way.server, count=2)
+    reached = split_endpoint(proxy(lab, way.client))[0]
     check(result["relay"] == _ip(reached), f"relay on {result['relay']}, not {reached}")
-    _check_replies(lab, result, "s6", _domain("v6.lab.test"), count=2)
-    return f"2 echoes via relay {reached}:{result['relay_port']}, shown from v6.lab.test"
+    _check_replies(lab, result, way.server, _domain(way.name), count=2)
+    relay = endpoint_text(reached, result["relay_port"])
+    return f"2 echoes via relay {relay}, shown from {way.name}"
 
 
-@scenario("udp-v4-to-v6-id")
-def udp_v4_to_v6_id(lab: Lab) -> str:
-    """c4 sends to s6 by ADDRESS ID; the replies' source is that same ID."""
+@directed(("udp-v4-to-v6-id", V4_TO_V6))
+def udp_by_id(lab: Lab, way: Direction) -> str:
+    """{client} sends to {server} by ADDRESS ID; the replies' source is that same ID."""
     require_services(lab, GATEWAY)
-    realid = _address_id(lab, "c4", "v6.lab.test")
-    result = _udp_echo(lab, "c4", realid, "s6")
-    _check_replies(lab, result, "s6", {"kind": "id", "text": realid})
+    realid = _address_id(lab, way.client, way.name)
+    result = _udp_echo(lab, way.client, realid, way.server)
+    _check_replies(lab, result, way.server, {"kind": "id", "text": realid})
     return f"echo shown from {realid}"
 
 
-@scenario("udp-v6-to-v4")
-def udp_v6_to_v4(lab: Lab) -> str:
-    """The reverse: c6 exchanges datagrams with v4.lab.test by name, then by ID."""
-    require_services(lab, GATEWAY)
-    by_name = _udp_echo(lab, "c6", "v4.lab.test", "s4", count=2)
-    _check_replies(lab, by_name, "s4", _domain("v4.lab.test"), count=2)
-    realid = _address_id(lab, "c6", "v4.lab.test")
-    by_id = _udp_echo(lab, "c6", realid, "s4")
-    _check_replies(lab, by_id, "s4", {"kind": "id", "text": realid})
-    return f"shown from v4.lab.test, then from {realid}"
+@directed(("udp-v6-to-v4", V6_TO_V4))
+def udp_by_name_then_id(lab: Lab, way: Direction) -> str:
+    """The reverse: {client} exchanges datagrams with {name} by name, then by ID."""
+    return f"{udp_by_name(lab, way)}; then {udp_by_id(lab, way)}"
 
 
 @scenario("udp-pysocks")
 def udp_pysocks(lab: Lab) -> str:
     """PySocks (socksocket SOCK_DGRAM, rdns) from c4 reaches v6.lab.test's echo by name."""
     require_services(lab, GATEWAY)
-    result = _ask(
+    result = ask(
         lab,
         "c4",
         "pysocks-udp",
@@ -142,7 +147,7 @@ def udp_pysocks(lab: Lab) -> str:
     check(result["source"] == "v6.lab.test", f"PySocks saw the reply from {result['source']!r}")
     check(result["data"] == "pysocks", f"PySocks got {result['data']!r}")
     echo = result["echo"] or {}
-    gateway_side = _gw_address_toward(lab, "s6", 6)
+    gateway_side = gw_address_toward(lab, "s6", 6)
     check(echo.get("server") == "s6" and echo.get("peer") == gateway_side, f"echo saw {echo}")
     return "PySocks got s6's echo, shown from v6.lab.test"
 
@@ -158,7 +163,7 @@ def udp_use_client_port(lab: Lab) -> str:
     _check_replies(lab, result, "s6", _domain("v6.lab.test"))
     seen = result["replies"][0]["echo"]["peer_port"]
     check(seen == port, f"s6 saw the gateway's port {seen}, not the client's {port}")
-    return f"s6 saw [{_gw_address_toward(lab, 's6', 6)}]:{seen}"
+    return f"s6 saw [{gw_address_toward(lab, 's6', 6)}]:{seen}"
 
 
 @scenario("udp-tunnel")
@@ -188,7 +193,7 @@ def _gw_groups(
     lab: Lab, version: int, ifname: str
 ) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """The groups gw's kernel has joined on ``ifname`` (any socket), from /proc/net."""
-    from translator.interfaces import parse_igmp, parse_igmp6
+    from translator.net.interfaces import parse_igmp, parse_igmp6
 
     index = lab.exec("gw", ["cat", f"/sys/class/net/{ifname}/ifindex"])
     check(index.returncode == 0, f"gw has no interface {ifname}: {index.stderr.strip()}")
@@ -200,30 +205,24 @@ def _gw_groups(
     return set(groups.get(int(index.stdout), set()))
 
 
-def _multicast_stream(lab: Lab, client: str, sender: str, group: str) -> str:
-    """``client`` joins ``group`` through gw, ``sender`` sends to it on its link; the
-    membership shows in gw while joined and is gone once the association has ended."""
+@directed(("mcast-v6-group-to-v4-client", V4_TO_V6), ("mcast-v4-group-to-v6-client", V6_TO_V4))
+def multicast_across(lab: Lab, way: Direction) -> str:
+    """{client} (IPv{client_version}-only) receives {server}'s {group} stream through gw's
+    MULTICAST JOIN.
+
+    The client joins the group through gw, the server sends to it on its link; the
+    membership shows in gw while joined and is gone once the association has ended.
+    """
     require_services(lab, GATEWAY)
+    client, sender, group = way.client, way.server, way.group
     version = ipaddress.ip_address(group).version
     ifname = _multicast_interface(lab, version, sender)
     wanted = ipaddress.ip_address(group)
     check(wanted not in _gw_groups(lab, version, ifname), f"gw is in {group} before any join")
     source = lab.address(sender, version)
-    argv = probe_argv(
-        "mcast-recv",
-        "--proxy",
-        _proxy(lab, client),
-        "--group",
-        group,
-        "--port",
-        str(GROUP_PORT),
-        "--count",
-        str(STREAM_LENGTH),
-        "--line",
-        f"stream from {sender}",
-        "--timeout",
-        "10",
-    )
+    stream = ["--group", group, "--port", str(GROUP_PORT), "--count", str(STREAM_LENGTH)]
+    stream += ["--line", f"stream from {sender}"]
+    argv = probe_argv("mcast-recv", "--proxy", proxy(lab, client), *stream, "--timeout", "10")
     with lab.popen(client, argv) as child:
         joined = read_json_line(child, 10)
         check(joined.get("event") == "joined", f"MULTICAST JOIN {group} failed: {joined}")
@@ -233,20 +232,13 @@ def _multicast_stream(lab: Lab, client: str, sender: str, group: str) -> str:
                 lab,
                 sender,
                 "mcast-send",
-                "--group",
-                group,
-                "--port",
-                str(GROUP_PORT),
-                "--count",
-                str(STREAM_LENGTH),
+                *stream,
                 "--ifname",
                 lab.topology.link_between(sender, "gw").end(sender).ifname,
                 "--source",
                 source,
                 "--hops",
                 "1",
-                "--line",
-                f"stream from {sender}",
             ),
             f"{sender} sending to {group}",
         )
@@ -260,18 +252,6 @@ def _multicast_stream(lab: Lab, client: str, sender: str, group: str) -> str:
     left = poll_until(lambda: wanted not in _gw_groups(lab, version, ifname), timeout=3.0)
     check(left, f"gw still joined to {group} on {ifname} after the association ended")
     return f"{STREAM_LENGTH}/{STREAM_LENGTH} from {source}; joined on {ifname}, then left"
-
-
-@scenario("mcast-v6-group-to-v4-client")
-def mcast_v6_to_v4(lab: Lab) -> str:
-    """c4 (IPv4-only) receives s6's ff15::5:64 stream through gw's MULTICAST JOIN."""
-    return _multicast_stream(lab, "c4", "s6", V6_GROUP)
-
-
-@scenario("mcast-v4-group-to-v6-client")
-def mcast_v4_to_v6(lab: Lab) -> str:
-    """c6 (IPv6-only) receives s4's 239.64.0.1 stream through gw's MULTICAST JOIN."""
-    return _multicast_stream(lab, "c6", "s4", V4_GROUP)
 
 
 # --- the gateway follows netlink ------------------------------------------------------------
