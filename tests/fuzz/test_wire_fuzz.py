@@ -6,6 +6,7 @@
 2. ``decode(encode(message)) == message`` for every message type, and every strict
    prefix of an encoding decodes to None ("need more").
 3. Every ``decode_*`` on any bytes returns None, a message, or raises RemoteProtocolError.
+4. ``udp_header_length`` (the UDP relay's fast path) agrees with ``decode_udp_datagram``.
 
 Profiles: the default is fast (the file runs in seconds); ``HYPOTHESIS_PROFILE=deep``
 runs 20000 examples per test.
@@ -29,6 +30,8 @@ from translator.wire import (
     PAUSED,
     Address,
     AddressId,
+    Answer,
+    Atyp,
     Command,
     ControlRequest,
     ControlSub,
@@ -63,6 +66,8 @@ from translator.wire import (
     decode_userpass_reply,
     decode_userpass_request,
     encode_tunnel_frame,
+    successors,
+    udp_header_length,
 )
 
 _COMMON: dict[str, Any] = {
@@ -187,14 +192,15 @@ def chunkings(draw: st.DrawFn, data: bytes) -> list[bytes]:
 # --- 1. The server never fails with anything but RemoteProtocolError -----------------
 
 Draw = Callable[[st.SearchStrategy[Any]], Any]  # st.DataObject.draw
-_LEGAL_THEN = [
-    Phase.REQUEST,
-    Phase.RELAY,
-    Phase.BIND_WAIT,
-    Phase.HOLD,
-    Phase.UDP_CONTROL,
-    Phase.TUNNEL,
-]
+
+
+def _legal_then(phase: Phase, answer: Answer) -> list[Phase]:
+    """The codec's own successors, in a fixed order (a frozenset's order is not)."""
+    return sorted(successors(phase, answer), key=lambda p: p.value)
+
+
+_LEGAL_THEN = _legal_then(Phase.REQUEST, Answer.REPLY_SUCCESS)
+_LEGAL_THEN_SOCKS4 = _legal_then(Phase.SOCKS4_REQUEST, Answer.SOCKS4_GRANTED)
 
 
 def _then_for(request: Request) -> list[Phase]:
@@ -223,7 +229,7 @@ def _answer(conn: ServerConnection, message: object, draw: Draw) -> bytes:
         return conn.send_auth_result(draw(st.sampled_from([True, True, True, False])))
     if isinstance(message, Socks4Request):
         status = draw(st.sampled_from([Socks4Status.GRANTED] * 3 + list(Socks4Status)))
-        then = draw(st.sampled_from([Phase.RELAY, Phase.BIND_WAIT]))
+        then = draw(st.sampled_from(_LEGAL_THEN_SOCKS4))
         return conn.send_socks4_reply(Socks4Reply(status), then=then)
     if isinstance(message, TunnelDatagram):
         return b""
@@ -361,3 +367,41 @@ def test_udp_and_tunnel_decoders_on_random_bytes(raw: bytes) -> None:
         return
     if frame is not None:
         assert encode_tunnel_frame(frame[0]) == raw[: frame[1]]
+
+
+# --- 4. The relay's header length agrees with the decoder ----------------------------
+
+
+@st.composite
+def udp_payloads(draw: st.DrawFn) -> bytes:
+    """Random bytes, or a datagram (mostly FRAG 0) whole, cut short or with a header
+    octet overwritten."""
+    kind = draw(st.sampled_from(["random", "whole", "whole", "cut", "mangled"]))
+    if kind == "random":
+        return draw(st.binary(max_size=300))
+    unfragmented = st.builds(UdpDatagram, addresses, port, st.binary(max_size=64))
+    wire = draw(st.one_of(unfragmented, unfragmented, datagrams)).encode()
+    if kind == "cut":
+        return wire[: draw(st.integers(0, len(wire)))]
+    if kind == "mangled":
+        mangled = bytearray(wire)
+        mangled[draw(st.integers(0, min(len(wire), 9) - 1))] = draw(octet)
+        return bytes(mangled)
+    return wire
+
+
+@PROFILE
+@given(udp_payloads())
+def test_udp_header_length_agrees_with_the_decoder(raw: bytes) -> None:
+    length = udp_header_length(raw)
+    assert 0 <= length <= len(raw)
+    if len(raw) >= 4 and raw[3] not in set(Atyp):
+        assert length == 0
+    try:
+        datagram = decode_udp_datagram(raw)
+    except RemoteProtocolError:
+        event("not decodable")
+        return
+    event("FRAG 0" if datagram.frag == 0 else "FRAG not 0")
+    # The relay's fast path takes FRAG 0 only, but the layout does not depend on FRAG.
+    assert length == len(raw) - len(datagram.data)

@@ -49,6 +49,7 @@ from translator.wire import (
     encode_tunnel_datagram,
     encode_tunnel_frame,
     is_control_payload,
+    udp_header_length,
 )
 
 Decoder = Callable[[bytes | bytearray], Any]
@@ -464,6 +465,61 @@ def test_udp_datagram_rejections(wire: str, rep: Rep | None) -> None:
         decode_udp_datagram(h(wire))
     if rep is not None:
         assert caught.value.rep == rep
+
+
+@pytest.mark.parametrize(
+    ("atyp", "wire", "length"),
+    [
+        # RSV(2) FRAG ATYP ADDR PORT: the header is everything before DATA.
+        (Atyp.IPV4, "0000 00 01 c0000201 0035 | 68656c6c6f", 10),
+        (Atyp.IPV6, "0000 00 04 " + HEX_V6 + " 0035 |", 22),
+        (Atyp.DOMAIN, "0000 00 03 " + HEX_NAME + " 0035 | 00ff", 7 + len(NAME)),
+        (Atyp.DOMAIN, "0000 00 03 01 61 0035 | 6869", 8),
+        (Atyp.ADDRESS_ID, "0000 00 08 00123456 1389 | 78", 10),  # CLASS(1) REALID(3)
+    ],
+)
+def test_udp_header_length_per_atyp(atyp: Atyp, wire: str, length: int) -> None:
+    header, data = (h(part) for part in wire.split("|"))
+    raw = header + data
+    assert raw[3] == atyp and len(header) == length
+    assert udp_header_length(raw) == length
+    assert udp_header_length(bytearray(raw)) == udp_header_length(memoryview(raw)) == length
+    assert udp_header_length(raw) == len(raw) - len(decode_udp_datagram(raw).data)
+
+
+@pytest.mark.parametrize(("wire", "message"), UDP_VECTORS)
+def test_udp_header_length_agrees_with_the_vectors(wire: str, message: UdpDatagram) -> None:
+    # Fragments too: the header's layout does not depend on FRAG.
+    assert udp_header_length(h(wire)) == len(h(wire)) - len(message.data)
+
+
+def test_udp_vectors_cover_every_atyp() -> None:
+    assert {h(wire)[3] for wire, _ in UDP_VECTORS} == set(Atyp)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        "",
+        "0000 00",
+        "0000 00 01",  # ATYP but nothing after it
+        "0000 00 01 c0000201 00",  # one octet short
+        "0000 00 04 " + HEX_V6,  # no port
+        "0000 00 03 0b 6578",  # name cut short
+        "0000 00 08 00123456",  # no port
+        "0000 00 07 c0000201 0035",  # unknown ATYP
+        "0000 00 02 c0000201 0035 6869",
+    ],
+)
+def test_udp_header_length_cannot_tell(wire: str) -> None:
+    assert udp_header_length(h(wire)) == 0
+
+
+def test_udp_header_length_is_framing_only() -> None:
+    # Like control_request_length: lengths from framing; validity is the decoder's job.
+    assert udp_header_length(h("0000 00 03 00 0035")) == 7  # empty name, rejected on decode
+    assert udp_header_length(h("0000 00 08 01000001 0035")) == 10  # CLASS 1, rejected too
+    assert udp_header_length(h("ffff 00 01 c0000201 0035")) == 10  # RSV is not looked at
 
 
 CONTROL_VECTORS = [

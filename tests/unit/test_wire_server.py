@@ -7,6 +7,8 @@ on how the client's bytes were split.
 
 from __future__ import annotations
 
+import copy
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
@@ -16,10 +18,13 @@ import pytest
 from translator.wire import (
     NEED_DATA,
     PAUSED,
+    TRANSITIONS,
     AddressId,
+    Answer,
     Command,
     ControlRequest,
     ControlSub,
+    Event,
     Greeting,
     LocalProtocolError,
     MessageRejected,
@@ -30,6 +35,7 @@ from translator.wire import (
     Reply,
     Request,
     ServerConnection,
+    Signal,
     Socks4Command,
     Socks4Reply,
     Socks4Request,
@@ -38,6 +44,7 @@ from translator.wire import (
     TunnelDatagram,
     UdpDatagram,
     UserPassRequest,
+    successors,
 )
 
 V4 = IPv4Address("192.0.2.1")
@@ -85,14 +92,14 @@ class Transcript:
     trailing: bytes = b""
 
 
-Answer = Callable[[ServerConnection, object], bytes]
+Answerer = Callable[[ServerConnection, object], bytes]
 
 
 def comparable(event: object) -> object:
     return ("tunnel", event.datagram) if isinstance(event, TunnelDatagram) else event
 
 
-def converse(client: bytes, answer: Answer, chunk: int | None) -> Transcript:
+def converse(client: bytes, answer: Answerer, chunk: int | None) -> Transcript:
     """Feed ``client`` in chunks of ``chunk`` octets (None: whole), answering every event."""
     conn = ServerConnection()
     out = Transcript()
@@ -822,3 +829,218 @@ def test_waiting_phases_do_not_invite_unbounded_data(phase: Phase) -> None:
     except RemoteProtocolError:
         return
     assert event is not NEED_DATA
+
+
+# --- next_event()'s signals ----------------------------------------------------------
+
+
+def test_signals_are_members_of_a_public_enum() -> None:
+    assert set(Signal) == {NEED_DATA, PAUSED}
+    assert NEED_DATA is Signal.NEED_DATA and PAUSED is Signal.PAUSED
+    assert (repr(NEED_DATA), repr(PAUSED)) == ("NEED_DATA", "PAUSED")
+    assert copy.deepcopy(NEED_DATA) is NEED_DATA
+    assert pickle.loads(pickle.dumps(PAUSED)) is PAUSED
+
+
+def _event_or_none(conn: ServerConnection) -> Event | None:
+    """Narrowed by ``isinstance`` (and mypy agrees): no ``type: ignore`` needed."""
+    event = conn.next_event()
+    if isinstance(event, Signal):
+        return None
+    return event
+
+
+def _event_or_none_by_identity(conn: ServerConnection) -> Event | None:
+    event = conn.next_event()
+    if event is PAUSED or event is NEED_DATA:
+        return None
+    return event
+
+
+@pytest.mark.parametrize("narrow", [_event_or_none, _event_or_none_by_identity])
+def test_signals_narrow_next_events_type(
+    narrow: Callable[[ServerConnection], Event | None],
+) -> None:
+    conn = ServerConnection()
+    assert narrow(conn) is None  # NEED_DATA
+    conn.receive_data(h("05 01 00"))
+    assert narrow(conn) == Greeting((0,))
+    assert narrow(conn) is None  # PAUSED
+
+
+# --- The transition table, walked ----------------------------------------------------
+
+
+def _authing() -> ServerConnection:
+    conn = _greeted()
+    conn.send_method(Method.USERNAME_PASSWORD)
+    conn.receive_data(h("01 01 75 01 70"))
+    conn.next_event()
+    return conn
+
+
+def _tunnel_owing() -> ServerConnection:
+    conn = _tunnel_idle()
+    conn.receive_data(h("000a 00 01 00 01 c0000201 0035"))
+    conn.next_event()
+    return conn
+
+
+def _udp_idle() -> ServerConnection:
+    conn = _udp_control()
+    conn.send_reply(Reply(Rep.SUCCEEDED, V4_BND, 53))
+    return conn
+
+
+def _hold() -> ServerConnection:
+    conn = _requested()
+    conn.send_reply(OK_V4, then=Phase.HOLD)
+    return conn
+
+
+def _closed() -> ServerConnection:
+    conn = _requested()
+    conn.send_reply(Reply(Rep.GENERAL_FAILURE))
+    return conn
+
+
+# A connection owing an answer in each phase (BIND_WAIT: BIND's second reply), per version.
+OWING = [
+    _socks6,
+    _greeted,
+    _authing,
+    _requested,
+    _bind_wait5,
+    _udp_control,
+    _tunnel_owing,
+    _socks4,
+    _socks4_bind_wait,
+]
+OWING_NOTHING = [_fresh, at_request, _relay, _hold, _udp_idle, _tunnel_idle, _closed]
+Send = Callable[[ServerConnection, Phase | None], bytes]
+SENDERS: dict[Answer, Send] = {
+    Answer.SOCKS6_MISMATCH: lambda c, then: c.send_socks6_mismatch(),
+    Answer.METHOD_NO_AUTH: lambda c, then: c.send_method(Method.NO_AUTH),
+    Answer.METHOD_USERNAME_PASSWORD: lambda c, then: c.send_method(Method.USERNAME_PASSWORD),
+    Answer.METHOD_NO_ACCEPTABLE: lambda c, then: c.send_method(Method.NO_ACCEPTABLE),
+    Answer.AUTH_SUCCESS: lambda c, then: c.send_auth_result(True),
+    Answer.AUTH_FAILURE: lambda c, then: c.send_auth_result(False),
+    Answer.REPLY_SUCCESS: lambda c, then: c.send_reply(OK_V4, then=then),
+    Answer.REPLY_FAILURE: lambda c, then: c.send_reply(Reply(Rep.HOST_UNREACHABLE), then=then),
+    Answer.SOCKS4_GRANTED: lambda c, then: c.send_socks4_reply(
+        Socks4Reply(Socks4Status.GRANTED), then=then
+    ),
+    Answer.SOCKS4_REJECTED: lambda c, then: c.send_socks4_reply(
+        Socks4Reply(Socks4Status.REJECTED), then=then
+    ),
+}
+# The answers whose successor the caller picks with then=; the others ignore it.
+CALLER_PICKS = {Answer.REPLY_SUCCESS, Answer.SOCKS4_GRANTED}
+
+
+def _owing(phase: Phase, version: int) -> ServerConnection:
+    for make in OWING:
+        conn = make()
+        if (conn.phase, conn.version) == (phase, version):
+            return conn
+    raise AssertionError(f"no connection owes an answer in {phase.name}, SOCKS {version}")
+
+
+def _legal(conn: ServerConnection) -> list[Answer]:
+    return [a for a in Answer if successors(conn.phase, a) and a.version == conn.version]
+
+
+def _state(conn: ServerConnection) -> tuple[Phase, int | None, object]:
+    """All a caller can see without changing anything: next_event() is PAUSED when owed."""
+    return conn.phase, conn.version, conn.next_event()
+
+
+def _ordered(phases: frozenset[Phase]) -> list[Phase]:
+    return sorted(phases, key=lambda phase: phase.value)
+
+
+TABLE_WALK = [
+    (phase, answer, following)
+    for (phase, answer), nexts in TRANSITIONS.items()
+    for following in _ordered(nexts)
+]
+
+
+def test_the_table_and_its_reader_agree() -> None:
+    assert {answer for _, answer in TRANSITIONS} == set(Answer)  # every answer has a use
+    assert set(SENDERS) == set(Answer)
+    for (phase, answer), nexts in TRANSITIONS.items():
+        assert successors(phase, answer) == nexts and nexts
+    assert successors(Phase.RELAY, Answer.REPLY_SUCCESS) == frozenset()
+    assert successors(Phase.GREETING, Answer.AUTH_SUCCESS) == frozenset()
+    with pytest.raises(TypeError):
+        TRANSITIONS[Phase.RELAY, Answer.REPLY_SUCCESS] = frozenset()  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("phase", "answer", "following"),
+    TABLE_WALK,
+    ids=[f"{p.name}-{a.name}-{f.name}" for p, a, f in TABLE_WALK],
+)
+def test_every_transition_is_reachable_and_leads_where_the_table_says(
+    phase: Phase, answer: Answer, following: Phase
+) -> None:
+    thens: list[Phase | None] = [following]
+    if len(successors(phase, answer)) == 1:
+        thens.append(None)  # the only successor is taken without then=
+    for then in thens:
+        conn = _owing(phase, answer.version)
+        assert answer in _legal(conn)
+        assert isinstance(SENDERS[answer](conn, then), bytes)
+        assert phase_of(conn) is following
+
+
+@pytest.mark.parametrize("make", OWING, ids=[make.__name__ for make in OWING])
+def test_an_answer_not_in_the_table_changes_nothing(make: Callable[[], ServerConnection]) -> None:
+    conn = make()
+    legal = _legal(conn)
+    assert legal, "every owing connection has some legal answer"
+    before = _state(conn)
+    for answer in Answer:
+        if answer in legal:
+            continue
+        for then in [None, *Phase]:
+            with pytest.raises(LocalProtocolError):
+                SENDERS[answer](conn, then)
+            assert _state(conn) == before, (answer, then)
+    # A then= the table does not allow is refused just the same.
+    for answer in legal:
+        if answer not in CALLER_PICKS:
+            continue
+        nexts = successors(conn.phase, answer)
+        for then in [*(p for p in Phase if p not in nexts), *([None] if len(nexts) > 1 else [])]:
+            with pytest.raises(LocalProtocolError):
+                SENDERS[answer](conn, then)
+            assert _state(conn) == before, (answer, then)
+    # And the machine still takes a legal answer where the table says.
+    answer = legal[0]
+    following = _ordered(successors(conn.phase, answer))[0]
+    SENDERS[answer](conn, following)
+    assert phase_of(conn) is following
+
+
+@pytest.mark.parametrize("make", OWING_NOTHING, ids=[make.__name__ for make in OWING_NOTHING])
+def test_with_nothing_owed_every_answer_is_refused(make: Callable[[], ServerConnection]) -> None:
+    conn = make()
+    before = _state(conn)
+    assert before[2] is not PAUSED
+    for answer in Answer:
+        with pytest.raises(LocalProtocolError):
+            SENDERS[answer](conn, Phase.RELAY)
+        assert _state(conn) == before, answer
+
+
+@pytest.mark.parametrize("then", [None, *Phase])
+def test_a_failure_ignores_then(then: Phase | None) -> None:
+    # A failure's successor is the protocol's, so callers may pass their success plan.
+    conn = _requested()
+    conn.send_reply(Reply(Rep.CONNECTION_REFUSED), then=then)
+    assert conn.phase is Phase.CLOSED
+    conn = _socks4_bind_wait()
+    conn.send_socks4_reply(Socks4Reply(Socks4Status.REJECTED), then=then)
+    assert conn.phase is Phase.CLOSED

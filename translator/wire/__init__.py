@@ -61,8 +61,21 @@ from .messages import (
     encode_tunnel_datagram,
     encode_tunnel_frame,
     is_control_payload,
+    udp_header_length,
 )
-from .server import NEED_DATA, PAUSED, Event, Phase, ServerConnection, Socks6Attempt, TunnelDatagram
+from .server import (
+    NEED_DATA,
+    PAUSED,
+    TRANSITIONS,
+    Answer,
+    Event,
+    Phase,
+    ServerConnection,
+    Signal,
+    Socks6Attempt,
+    TunnelDatagram,
+    successors,
+)
 
 __all__ = [
     "FLAG_BIND_MULTI",
@@ -76,11 +89,13 @@ __all__ = [
     "SOCKS4_VERSION",
     "SOCKS5_VERSION",
     "SOCKS6_VERSION",
+    "TRANSITIONS",
     "UNSPECIFIED_ID",
     "UNSPECIFIED_V4",
     "UNSPECIFIED_V6",
     "Address",
     "AddressId",
+    "Answer",
     "Atyp",
     "Command",
     "ControlRequest",
@@ -98,6 +113,7 @@ __all__ = [
     "Reply",
     "Request",
     "ServerConnection",
+    "Signal",
     "Socks4Command",
     "Socks4Reply",
     "Socks4Request",
@@ -126,4 +142,6 @@ __all__ = [
     "encode_tunnel_datagram",
     "encode_tunnel_frame",
     "is_control_payload",
+    "successors",
+    "udp_header_length",
 ]

@@ -338,6 +338,31 @@ def decode_udp_datagram(buf: Buffer) -> UdpDatagram:
     return UdpDatagram(address, port, bytes(buf[end:]), buf[2])
 
 
+# ADDR length by ATYP where it is fixed (an ADDRESS ID is CLASS(1) REALID(3)).
+_ADDRESS_LENGTHS: dict[int, int] = {Atyp.IPV4: 4, Atyp.IPV6: 16, Atyp.ADDRESS_ID: 4}
+# RSV(2) FRAG ATYP ADDR PORT(2), keyed by plain ints: the relay looks one up per datagram.
+_UDP_HEADER_LENGTHS: dict[int, int] = {
+    int(atyp): 4 + size + 2 for atyp, size in _ADDRESS_LENGTHS.items()
+}
+_DOMAIN = int(Atyp.DOMAIN)
+
+
+def udp_header_length(data: Buffer) -> int:
+    """The length of the UDP request header at the start of ``data`` from its framing
+    alone, or 0 if it cannot tell (unknown ATYP, or ``data`` shorter than the header).
+
+    For a relay's per-datagram fast path: no exception, no copy, nothing validated (RSV,
+    FRAG and the address are decode_udp_datagram's business). The layout does not
+    depend on FRAG, so whether a fragment is acceptable is for the caller to check.
+    """
+    if len(data) < 5:
+        return 0
+    atyp = data[3]
+    # RSV(2) FRAG ATYP LEN NAME PORT(2): a name's length is its first octet.
+    length = _UDP_HEADER_LENGTHS.get(atyp) or (7 + data[4] if atyp == _DOMAIN else 0)
+    return length if length <= len(data) else 0
+
+
 @dataclass(frozen=True, slots=True)
 class ControlRequest:
     """UDP control channel request: RSV(X'00') SUB FLAG ATYP ADDR PORT (VH-04, profile 7)."""
@@ -349,9 +374,6 @@ class ControlRequest:
 
     def encode(self) -> bytes:
         return _octets(0, self.sub, self.flag) + encode_address_port(self.address, self.port)
-
-
-_ADDRESS_LENGTHS: dict[int, int] = {Atyp.IPV4: 4, Atyp.IPV6: 16, Atyp.ADDRESS_ID: 4}
 
 
 def control_request_length(buf: Buffer) -> int | None:

@@ -1,22 +1,32 @@
 """Server side of a SOCKS connection as a sans-I/O state machine.
 
 Theory of operation (after h11): bytes go in with ``receive_data()``; ``next_event()``
-returns the next whole message, ``NEED_DATA`` while one is incomplete, or ``PAUSED``
-while the server owes the client an answer. The server answers with a ``send_*`` call,
-which returns the bytes to write and moves the machine on. The phase after each answer
-comes from ``_TRANSITIONS``; the one free choice, what follows a successful reply, is the
-caller's (``then=``), checked against ``_AFTER_SUCCESS``. In ``RELAY`` the codec steps
-aside: ``take_trailing_data()`` hands over bytes the client pipelined after its request.
+returns the next whole message, or a ``Signal``: ``NEED_DATA`` while one is incomplete,
+``PAUSED`` while the server owes the client an answer. The server answers with a
+``send_*`` call, which returns the bytes to write and moves the machine on.
+
+Every move is looked up in one table, ``TRANSITIONS``: for the phase the answered message
+arrived in (``BIND_WAIT`` for BIND's second reply) and the kind of ``Answer`` given, the
+phases that may follow. A pair not in the table, or an answer of another SOCKS version
+than the connection's, raises LocalProtocolError and changes nothing. Where one phase
+follows it is taken; where several may (a success reply to a SOCKS 5 or 4 request) the
+caller picks with ``then=``, checked against the table. A failure's successor is never
+the caller's to pick, so ``then=`` is ignored there. ``successors()`` reads the table.
+In ``RELAY`` the codec steps aside: ``take_trailing_data()`` hands over bytes the client
+pipelined after its request.
 
 Errors: malformed input raises RemoteProtocolError (with the reply code to send when one
-exists) and the machine enters ``CLOSED``; ``send_error()`` encodes the matching failure
-reply for the version in use. In a UDP association's phases one bad control request or
-tunnelled datagram raises MessageRejected instead and the association goes on.
+exists) and the machine enters ``CLOSED``; ``send_error()`` encodes the failure answer
+``_FAILURE_ANSWERS`` names for the version and phase, and closes. In a UDP association's
+phases one bad control request or tunnelled datagram raises MessageRejected instead and
+the association goes on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from enum import Enum, auto
+from types import MappingProxyType
 from typing import Final
 
 from .constants import SOCKS4_VERSION, SOCKS5_VERSION, SOCKS6_VERSION, Method, Rep, Socks4Status
@@ -59,16 +69,132 @@ class Phase(Enum):
     CLOSED = auto()
 
 
-class _Sentinel:
-    def __init__(self, name: str) -> None:
-        self._name = name
+class Signal(Enum):
+    """What ``next_event()`` returns when it has no event: narrow with ``isinstance``."""
+
+    NEED_DATA = auto()  # feed more bytes with receive_data()
+    PAUSED = auto()  # answer the last event first
 
     def __repr__(self) -> str:
-        return self._name
+        return self.name
 
 
-NEED_DATA: Final = _Sentinel("NEED_DATA")
-PAUSED: Final = _Sentinel("PAUSED")
+NEED_DATA: Final = Signal.NEED_DATA
+PAUSED: Final = Signal.PAUSED
+
+
+class Answer(Enum):
+    """The kinds of answer the server gives, each in one SOCKS version (``version``)."""
+
+    SOCKS6_MISMATCH = auto()  # the lone octet X'06' (profile 1)
+    METHOD_NO_AUTH = auto()
+    METHOD_USERNAME_PASSWORD = auto()
+    METHOD_NO_ACCEPTABLE = auto()
+    AUTH_SUCCESS = auto()
+    AUTH_FAILURE = auto()
+    REPLY_SUCCESS = auto()  # SOCKS 5 reply, REP X'00'
+    REPLY_FAILURE = auto()  # SOCKS 5 reply, any other REP
+    SOCKS4_GRANTED = auto()
+    SOCKS4_REJECTED = auto()  # any status but 90
+
+    @property
+    def version(self) -> int:
+        return _ANSWER_VERSIONS[self]
+
+
+# Which SOCKS version each answer is spoken in; the connection's must match.
+_ANSWER_VERSIONS: Final[Mapping[Answer, int]] = MappingProxyType(
+    {
+        Answer.SOCKS6_MISMATCH: SOCKS6_VERSION,
+        Answer.METHOD_NO_AUTH: SOCKS5_VERSION,
+        Answer.METHOD_USERNAME_PASSWORD: SOCKS5_VERSION,
+        Answer.METHOD_NO_ACCEPTABLE: SOCKS5_VERSION,
+        Answer.AUTH_SUCCESS: SOCKS5_VERSION,
+        Answer.AUTH_FAILURE: SOCKS5_VERSION,
+        Answer.REPLY_SUCCESS: SOCKS5_VERSION,
+        Answer.REPLY_FAILURE: SOCKS5_VERSION,
+        Answer.SOCKS4_GRANTED: SOCKS4_VERSION,
+        Answer.SOCKS4_REJECTED: SOCKS4_VERSION,
+    }
+)
+
+# The state machine: (phase the answered message arrived in, answer) -> phases that may
+# follow. One successor is taken; of several, the caller's ``then=`` picks.
+TRANSITIONS: Final[Mapping[tuple[Phase, Answer], frozenset[Phase]]] = MappingProxyType(
+    {
+        (Phase.VERSION, Answer.SOCKS6_MISMATCH): frozenset({Phase.CLOSED}),
+        (Phase.GREETING, Answer.METHOD_NO_AUTH): frozenset({Phase.REQUEST}),
+        (Phase.GREETING, Answer.METHOD_USERNAME_PASSWORD): frozenset({Phase.AUTH}),
+        (Phase.GREETING, Answer.METHOD_NO_ACCEPTABLE): frozenset({Phase.CLOSED}),
+        (Phase.AUTH, Answer.AUTH_SUCCESS): frozenset({Phase.REQUEST}),
+        (Phase.AUTH, Answer.AUTH_FAILURE): frozenset({Phase.CLOSED}),
+        (Phase.REQUEST, Answer.REPLY_SUCCESS): frozenset(
+            {
+                Phase.REQUEST,  # ADDRESS ASSOCIATE: another request follows
+                Phase.RELAY,
+                Phase.BIND_WAIT,
+                Phase.HOLD,  # BIND MULTI
+                Phase.UDP_CONTROL,
+                Phase.TUNNEL,
+            }
+        ),
+        (Phase.REQUEST, Answer.REPLY_FAILURE): frozenset({Phase.CLOSED}),  # profile 3
+        (Phase.BIND_WAIT, Answer.REPLY_SUCCESS): frozenset({Phase.RELAY}),
+        (Phase.BIND_WAIT, Answer.REPLY_FAILURE): frozenset({Phase.CLOSED}),
+        # On the control channel a reply answers one request; the association goes on.
+        (Phase.UDP_CONTROL, Answer.REPLY_SUCCESS): frozenset({Phase.UDP_CONTROL}),
+        (Phase.UDP_CONTROL, Answer.REPLY_FAILURE): frozenset({Phase.UDP_CONTROL}),
+        (Phase.TUNNEL, Answer.REPLY_SUCCESS): frozenset({Phase.TUNNEL}),
+        (Phase.TUNNEL, Answer.REPLY_FAILURE): frozenset({Phase.TUNNEL}),
+        (Phase.SOCKS4_REQUEST, Answer.SOCKS4_GRANTED): frozenset({Phase.RELAY, Phase.BIND_WAIT}),
+        (Phase.SOCKS4_REQUEST, Answer.SOCKS4_REJECTED): frozenset({Phase.CLOSED}),
+        (Phase.BIND_WAIT, Answer.SOCKS4_GRANTED): frozenset({Phase.RELAY}),
+        (Phase.BIND_WAIT, Answer.SOCKS4_REJECTED): frozenset({Phase.CLOSED}),
+    }
+)
+_NONE: Final[frozenset[Phase]] = frozenset()
+# Answers after which the caller, not the protocol, says what follows.
+_CALLER_PICKS: Final = frozenset({Answer.REPLY_SUCCESS, Answer.SOCKS4_GRANTED})
+
+
+def successors(phase: Phase, answer: Answer) -> frozenset[Phase]:
+    """The phases ``answer`` may lead to from ``phase``; empty if it is no answer there."""
+    return TRANSITIONS.get((phase, answer), _NONE)
+
+
+# What send_error() answers, by (version, phase); other pairs have no answer (b"").
+_FAILURE_ANSWERS: Final[Mapping[tuple[int | None, Phase], Answer]] = MappingProxyType(
+    {
+        (SOCKS5_VERSION, Phase.GREETING): Answer.METHOD_NO_ACCEPTABLE,
+        (SOCKS5_VERSION, Phase.AUTH): Answer.AUTH_FAILURE,
+        (SOCKS5_VERSION, Phase.REQUEST): Answer.REPLY_FAILURE,
+        (SOCKS5_VERSION, Phase.BIND_WAIT): Answer.REPLY_FAILURE,
+        (SOCKS5_VERSION, Phase.UDP_CONTROL): Answer.REPLY_FAILURE,
+        (SOCKS5_VERSION, Phase.TUNNEL): Answer.REPLY_FAILURE,
+        (SOCKS4_VERSION, Phase.SOCKS4_REQUEST): Answer.SOCKS4_REJECTED,
+        (SOCKS4_VERSION, Phase.BIND_WAIT): Answer.SOCKS4_REJECTED,
+    }
+)
+_FAILURE_ENCODERS: Final[Mapping[Answer, Callable[[Rep], bytes]]] = MappingProxyType(
+    {
+        Answer.METHOD_NO_ACCEPTABLE: lambda rep: MethodSelection(Method.NO_ACCEPTABLE).encode(),
+        Answer.AUTH_FAILURE: lambda rep: UserPassReply(False).encode(),
+        Answer.REPLY_FAILURE: lambda rep: Reply(rep).encode(),
+        Answer.SOCKS4_REJECTED: lambda rep: Socks4Reply(Socks4Status.REJECTED).encode(),
+    }
+)
+_METHOD_ANSWERS: Final[Mapping[int, Answer]] = MappingProxyType(
+    {
+        Method.NO_AUTH: Answer.METHOD_NO_AUTH,
+        Method.USERNAME_PASSWORD: Answer.METHOD_USERNAME_PASSWORD,
+        Method.NO_ACCEPTABLE: Answer.METHOD_NO_ACCEPTABLE,
+    }
+)
+
+
+def _framed(phase: Phase, encoded: bytes) -> bytes:
+    # In a tunnel every octet travels in frames, replies included (profile 7).
+    return encode_tunnel_frame(encoded) if phase is Phase.TUNNEL else encoded
 
 
 class Socks6Attempt:
@@ -107,26 +233,6 @@ _PARSERS = {
     Phase.REQUEST: decode_request,
     Phase.SOCKS4_REQUEST: decode_socks4_request,
 }
-# Phases a successful reply may lead to, per phase the request arrived in.
-_AFTER_SUCCESS = {
-    Phase.REQUEST: {
-        Phase.REQUEST,
-        Phase.RELAY,
-        Phase.BIND_WAIT,
-        Phase.HOLD,
-        Phase.UDP_CONTROL,
-        Phase.TUNNEL,
-    },
-    Phase.BIND_WAIT: {Phase.RELAY},
-    Phase.UDP_CONTROL: {Phase.UDP_CONTROL},
-    Phase.TUNNEL: {Phase.TUNNEL},
-    Phase.SOCKS4_REQUEST: {Phase.RELAY, Phase.BIND_WAIT},
-}
-_AFTER_METHOD: dict[int, Phase] = {
-    Method.NO_AUTH: Phase.REQUEST,
-    Method.USERNAME_PASSWORD: Phase.AUTH,
-    Method.NO_ACCEPTABLE: Phase.CLOSED,
-}
 _MAX_BUFFERED = 1 << 16  # no request is longer; more unparsed bytes mean abuse
 # Phases where client bytes are only held (for the relay that follows), never parsed.
 _HOLDING = (Phase.BIND_WAIT, Phase.HOLD)
@@ -153,7 +259,7 @@ class ServerConnection:
         if self.phase in _HOLDING:
             self._need_data()
 
-    def next_event(self) -> Event | _Sentinel:
+    def next_event(self) -> Event | Signal:
         if self._owed is not None:
             return PAUSED
         phase = self.phase
@@ -184,13 +290,13 @@ class ServerConnection:
         self._failed_in = self.phase
         self.phase = Phase.CLOSED
 
-    def _need_data(self) -> _Sentinel:
+    def _need_data(self) -> Signal:
         if len(self._buffer) > _MAX_BUFFERED:
             self._fail()
             raise RemoteProtocolError("oversized message")
         return NEED_DATA
 
-    def _dispatch_version(self) -> Event | _Sentinel:
+    def _dispatch_version(self) -> Event | Signal:
         if not self._buffer:
             return NEED_DATA
         version = self._buffer[0]
@@ -207,7 +313,7 @@ class ServerConnection:
             raise RemoteProtocolError(f"unknown SOCKS version {version:#04x}")
         return self.next_event()
 
-    def _next_control_request(self) -> Event | _Sentinel:
+    def _next_control_request(self) -> Event | Signal:
         length = control_request_length(self._buffer)
         if length is None or len(self._buffer) < length:
             return self._need_data()
@@ -230,7 +336,7 @@ class ServerConnection:
             )
         return parsed[0]
 
-    def _next_tunnel_event(self) -> Event | _Sentinel:
+    def _next_tunnel_event(self) -> Event | Signal:
         got = decode_tunnel_frame(self._buffer)
         if got is None:
             return self._need_data()
@@ -245,74 +351,71 @@ class ServerConnection:
 
     # -- output -----------------------------------------------------------------------
 
-    def _owed_in(self, expected: set[Phase]) -> Phase:
-        """The phase whose message we are answering; nothing changes until the answer
-        is known to be legal, so a refused call leaves the machine as it was."""
-        owed = self._owed
-        if owed is None or owed not in expected:
-            raise LocalProtocolError(f"nothing to answer in {self.phase.name} this way")
-        return owed
-
-    def _second_reply_or_owed(self, version: int, expected: set[Phase]) -> Phase:
-        if self.phase is Phase.BIND_WAIT and self._owed is None:
-            if self.version != version:
-                raise LocalProtocolError(f"BIND's second reply must be SOCKS {self.version}")
-            return Phase.BIND_WAIT
-        return self._owed_in(expected)
+    def _follow(self, answer: Answer, then: Phase | None = None) -> tuple[Phase, Phase]:
+        """``(phase answered, phase next)`` for ``answer``, from TRANSITIONS. Nothing
+        changes here, so a refused answer leaves the machine as it was."""
+        answered = self._owed
+        if answered is None:
+            if self.phase is not Phase.BIND_WAIT:
+                raise LocalProtocolError(f"nothing to answer in {self.phase.name}")
+            answered = Phase.BIND_WAIT  # BIND's second reply answers the BIND request
+        if answer.version != self.version:
+            raise LocalProtocolError(f"{answer.name} is not SOCKS {self.version}")
+        following = successors(answered, answer)
+        if not following:
+            raise LocalProtocolError(f"{answer.name} is no answer in {answered.name}")
+        if then is not None and answer in _CALLER_PICKS:
+            if then not in following:
+                raise LocalProtocolError(
+                    f"{answer.name} in {answered.name} cannot lead to {then.name}"
+                )
+            return answered, then
+        if len(following) > 1:
+            raise LocalProtocolError(f"{answer.name} in {answered.name} needs then=")
+        (only,) = following
+        return answered, only
 
     def _move(self, phase: Phase) -> None:
         self._owed = None
         self.phase = phase
 
     def send_socks6_mismatch(self) -> bytes:
-        self._owed_in({Phase.VERSION})
-        self._move(Phase.CLOSED)
+        _, following = self._follow(Answer.SOCKS6_MISMATCH)
+        self._move(following)
         return bytes((SOCKS6_VERSION,))
 
     def send_method(self, method: int) -> bytes:
-        self._owed_in({Phase.GREETING})
-        following = _AFTER_METHOD.get(method)
-        if following is None:
+        answer = _METHOD_ANSWERS.get(method)
+        if answer is None:
             raise LocalProtocolError(f"method {method:#04x} is not implemented")
+        _, following = self._follow(answer)
         self._move(following)
         return MethodSelection(method).encode()
 
     def send_auth_result(self, success: bool) -> bytes:
-        self._owed_in({Phase.AUTH})
-        self._move(Phase.REQUEST if success else Phase.CLOSED)
+        _, following = self._follow(Answer.AUTH_SUCCESS if success else Answer.AUTH_FAILURE)
+        self._move(following)
         return UserPassReply(success).encode()
 
     def send_reply(self, reply: Reply, *, then: Phase | None = None) -> bytes:
         """Answer a request (or, in BIND_WAIT, send BIND's second reply).
 
         A failure reply closes the connection (profile 3), except on the UDP control
-        channel, where it answers one request; a success needs ``then``.
+        channel, where it answers one request; a success picks the next phase with
+        ``then`` where TRANSITIONS allows several.
         """
-        owed = self._second_reply_or_owed(
-            SOCKS5_VERSION, {Phase.REQUEST, Phase.UDP_CONTROL, Phase.TUNNEL}
+        ok = reply.rep == Rep.SUCCEEDED
+        answered, following = self._follow(
+            Answer.REPLY_SUCCESS if ok else Answer.REPLY_FAILURE, then
         )
-        encoded = reply.encode()
-        following: Phase
-        if reply.rep != Rep.SUCCEEDED:
-            following = owed if owed in (Phase.UDP_CONTROL, Phase.TUNNEL) else Phase.CLOSED
-        elif then is None or then not in _AFTER_SUCCESS[owed]:
-            raise LocalProtocolError(f"a success in {owed.name} cannot lead to {then}")
-        else:
-            following = then
+        encoded = reply.encode()  # may refuse: before the move
         self._move(following)
-        # In a tunnel every octet travels in frames, replies included (profile 7).
-        return encode_tunnel_frame(encoded) if owed is Phase.TUNNEL else encoded
+        return _framed(answered, encoded)
 
     def send_socks4_reply(self, reply: Socks4Reply, *, then: Phase | None = None) -> bytes:
-        owed = self._second_reply_or_owed(SOCKS4_VERSION, {Phase.SOCKS4_REQUEST})
+        ok = reply.status == Socks4Status.GRANTED
+        _, following = self._follow(Answer.SOCKS4_GRANTED if ok else Answer.SOCKS4_REJECTED, then)
         encoded = reply.encode()
-        following: Phase
-        if reply.status != Socks4Status.GRANTED:
-            following = Phase.CLOSED
-        elif then is None or then not in _AFTER_SUCCESS[owed]:
-            raise LocalProtocolError(f"a SOCKS 4 success in {owed.name} cannot lead to {then}")
-        else:
-            following = then
         self._move(following)
         return encoded
 
@@ -320,19 +423,10 @@ class ServerConnection:
         """The failure reply for ``rep`` in the version spoken, or b"" when none exists."""
         was = self._failed_in or self.phase
         self._move(Phase.CLOSED)
-        if self.version == SOCKS4_VERSION and was in (Phase.SOCKS4_REQUEST, Phase.BIND_WAIT):
-            return Socks4Reply(Socks4Status.REJECTED).encode()
-        if self.version != SOCKS5_VERSION:
+        answer = _FAILURE_ANSWERS.get((self.version, was))
+        if answer is None:
             return b""
-        if was in (Phase.REQUEST, Phase.BIND_WAIT, Phase.UDP_CONTROL):
-            return Reply(rep).encode()
-        if was is Phase.TUNNEL:
-            return encode_tunnel_frame(Reply(rep).encode())
-        if was is Phase.GREETING:
-            return MethodSelection(Method.NO_ACCEPTABLE).encode()
-        if was is Phase.AUTH:
-            return UserPassReply(False).encode()
-        return b""
+        return _framed(was, _FAILURE_ENCODERS[answer](rep))
 
     def take_trailing_data(self) -> bytes:
         """Bytes the client sent after its last parsed message (e.g. pipelined payload)."""
