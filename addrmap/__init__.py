@@ -15,7 +15,8 @@ from addrmap.errors import (
     QuotaExceeded,
 )
 from addrmap.ids import MAX_REALID
-from addrmap.table import AddressTable, Owner, TableStats, Target
+from addrmap.owner import Owner, Target
+from addrmap.table import AddressTable, TableStats
 
 __all__ = [
     "MAX_REALID",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from addrmap.table import Owner
+    from addrmap.owner import Owner
 
 #: Which limit refused an association: the owner's quota, the table's capacity, or the
 #: 24-bit REALID space (live plus quarantined IDs leave no free ID to draw).

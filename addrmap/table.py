@@ -46,18 +46,15 @@ The table is not thread-safe; the gateway uses it from its event loop only.
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, TypeAlias
 
 from addrmap.errors import CapacityExceeded, InvalidTarget, QuotaExceeded
 from addrmap.ids import MAX_REALID, IdStream, Quarantine
-
-Target: TypeAlias = IPv4Address | IPv6Address | str
-"""What an ID names. Domain names are stored lower-cased."""
+from addrmap.owner import Owner, Target
 
 _Key: TypeAlias = int | str | tuple[int, str | None]
 
@@ -66,31 +63,6 @@ _MAX_NAME = 255  # a domain name must fit ATYP X'03' (1..255 octets)
 _SWEEP_BUDGET = 16  # wheel entries / quarantined IDs handled per associate() when due
 _ID_DRAWS = 64  # fresh draws before the ID space counts as exhausted
 _MAX_CAPACITY = (MAX_REALID + 1) // 2  # keep random draws cheap: at least half stay free
-
-
-class Owner(NamedTuple):
-    """Who an ID belongs to: the client's IP (normalized string) and its user name, if any.
-
-    A NamedTuple rather than a dataclass because its equality and hash run in C, and the
-    table compares owners on every lookup.
-    """
-
-    ip: str
-    user: str | None = None
-
-    @classmethod
-    def from_address(
-        cls, address: str | IPv4Address | IPv6Address, user: str | None = None
-    ) -> Owner:
-        """Build an owner from a client address, normalized.
-
-        An IPv4-mapped IPv6 address (a v4 client seen on a dual-stack socket) becomes the
-        IPv4 address, so a client is the same owner whichever socket it reached.
-        """
-        ip = ipaddress.ip_address(address)
-        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return cls(ip.compressed, user)
 
 
 @dataclass(frozen=True, slots=True)
