@@ -46,6 +46,7 @@ from .udp import UdpSession, client_udp_socket
 
 __all__ = ["Address", "AddressId", "Listener", "SocksClient", "SocksReplyError", "Stream"]
 
+
 @dataclass
 class Stream:
     """A relayed connection. ``bound`` is the reply's BND; ``peer`` (BIND) who connected."""

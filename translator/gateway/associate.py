@@ -9,57 +9,43 @@ from __future__ import annotations
 
 import socket
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING
 
 from addrmap import Target
 from translator import policy as pol
-from translator.net.happy_eyeballs import order_addresses
 from translator.net.resolver import ResolveError, normalize_name
 from translator.wire import FLAG_REAL_FAMILY, Address, AddressId, Atyp, Rep, Reply, Request
 
+from .context import RequestContext
+from .outcomes import Answer
 from .replies import GatewayError
 
-if TYPE_CHECKING:
-    from .session import Session
 
-
-async def address_associate(session: Session, request: Request) -> Reply:
-    gw = session.gw
-    if not gw.config.policy.may_allow(
-        client=session.client_ip, user=session.user, command=pol.Command.ASSOCIATE
-    ):
-        raise GatewayError(Rep.NOT_ALLOWED, "no rule allows ADDRESS ASSOCIATE for this client")
-    target, _ = session.target_of(request.address)
+async def address_associate(ctx: RequestContext, request: Request) -> Answer:
+    ctx.require(pol.Command.ASSOCIATE)
+    target, _ = ctx.target_of(request.address)
     if not isinstance(target, str):
-        decision = gw.config.policy.check(
-            client=session.client_ip,
-            user=session.user,
-            command=pol.Command.ASSOCIATE,
-            address=target,
-        )
-        if not decision.allowed:
-            raise GatewayError(Rep.NOT_ALLOWED, f"denied by policy ({decision.reason})")
+        ctx.check(pol.Command.ASSOCIATE, target)
     preference = request.port & 0xFF
     flag = request.flag & FLAG_REAL_FAMILY
     if flag:
-        bound: Address = await _reachable_address(session, target)
+        bound: Address = await _reachable_address(ctx, target)
     elif preference in (0, Atyp.ADDRESS_ID):
-        bound = AddressId(gw.table.associate(session.owner, target))
+        bound = AddressId(ctx.table.associate(ctx.owner, target))
     elif preference == Atyp.IPV4:
-        bound = await _as_family(session, target, socket.AF_INET)
+        bound = await _as_family(ctx, target, socket.AF_INET)
     elif preference == Atyp.IPV6:
-        bound = await _as_family(session, target, socket.AF_INET6)
+        bound = await _as_family(ctx, target, socket.AF_INET6)
     elif preference == Atyp.DOMAIN:
-        bound = await _as_name(session, target)
+        bound = await _as_name(ctx, target)
     else:
         raise GatewayError(Rep.ADDRESS_TYPE_NOT_SUPPORTED, f"ADR.PREF {preference:#04x}")
-    return Reply(Rep.SUCCEEDED, bound, 0, flag)
+    return Answer(Reply(Rep.SUCCEEDED, bound, 0, flag))
 
 
-async def _as_family(session: Session, target: Target, family: int) -> Address:
+async def _as_family(ctx: RequestContext, target: Target, family: int) -> Address:
     wanted = IPv4Address if family == socket.AF_INET else IPv6Address
     if isinstance(target, str):
-        return (await session.gw.resolver.resolve_family(target, family))[0]
+        return (await ctx.services.resolver.resolve_family(target, family))[0]
     if not isinstance(target, wanted):
         other = 6 if wanted is IPv6Address else 4
         raise GatewayError(
@@ -69,20 +55,18 @@ async def _as_family(session: Session, target: Target, family: int) -> Address:
     return target
 
 
-async def _as_name(session: Session, target: Target) -> Address:
+async def _as_name(ctx: RequestContext, target: Target) -> Address:
     if isinstance(target, str):
         return target
-    name = await session.gw.resolver.reverse(target)
+    name = await ctx.services.resolver.reverse(target)
     try:
         return normalize_name(name)
     except ResolveError:
         raise GatewayError(Rep.HOST_UNREACHABLE, f"PTR of {target} is not a usable name") from None
 
 
-async def _reachable_address(session: Session, target: Target) -> Address:
+async def _reachable_address(ctx: RequestContext, target: Target) -> Address:
     """FLAG X'10': the address, in its own family, the gateway would connect to."""
     if not isinstance(target, str):
         return target
-    config = session.gw.config
-    addresses = await session.gw.resolver.resolve(target)
-    return order_addresses(addresses, config.resolver.prefer_family)[0]
+    return ctx.order(await ctx.services.resolver.resolve(target))[0]

@@ -1,7 +1,8 @@
 """The one place where failures become SOCKS reply codes.
 
 Socket errors are sorted by errno, never by message text (style.md). Every other failure
-the gateway raises on purpose is a GatewayError that carries its code.
+the gateway raises on purpose is a GatewayError that carries its code. ``REFUSALS`` are
+the exception classes a request may end with; anything else is a bug.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import errno
 
 from addrmap import AddrMapError
+from translator.net.interfaces import NoInterface
 from translator.net.resolver import ResolveError
 from translator.wire import RemoteProtocolError, Rep
 
@@ -34,6 +36,16 @@ class GatewayError(Exception):
         self.reason = reason
 
 
+#: What serving a request may fail with; each has its reply code below.
+REFUSALS: tuple[type[Exception], ...] = (
+    GatewayError,
+    OSError,  # TimeoutError included
+    ResolveError,
+    AddrMapError,
+    NoInterface,
+)
+
+
 def rep_for(exc: BaseException) -> Rep:
     """The reply code for any failure while serving a request."""
     if isinstance(exc, GatewayError):
@@ -42,13 +54,13 @@ def rep_for(exc: BaseException) -> Rep:
         return exc.rep if exc.rep is not None else Rep.GENERAL_FAILURE
     if isinstance(exc, ResolveError):
         return Rep.HOST_UNREACHABLE
+    if isinstance(exc, NoInterface):  # multicast with nowhere to join
+        return Rep.NETWORK_UNREACHABLE
     if isinstance(exc, TimeoutError):  # before OSError: TimeoutError is one
         return Rep.TTL_EXPIRED
     if isinstance(exc, OSError) and exc.errno is not None:
         return _BY_ERRNO.get(exc.errno, Rep.GENERAL_FAILURE)
-    if isinstance(exc, AddrMapError):
-        return Rep.GENERAL_FAILURE
-    return Rep.GENERAL_FAILURE
+    return Rep.GENERAL_FAILURE  # AddrMapError (quota, capacity) and anything unforeseen
 
 
 def describe(exc: BaseException) -> str:

@@ -1,7 +1,8 @@
 """The gateway: listeners, client admission, shared state, and an orderly stop.
 
-Shared state lives here and is handed to each Session: the config, the resolver, the
-address table, the credentials and the BIND MULTI registry. Nothing here parses bytes.
+Shared state lives here and is handed to each Session as ``Services`` (context.py): the
+config, the resolver, the address table, the connector, the credentials check, the BIND
+MULTI registry and the multicast hub. Nothing here parses bytes.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from addrmap import AddressTable
 from translator.auth import Credentials
 from translator.config import Config, Endpoint
-from translator.net.addresses import IPAddress
-from translator.net.happy_eyeballs import order_addresses
+from translator.net.happy_eyeballs import connect_happy, connect_socket
 from translator.net.interfaces import Interface, InterfaceAddress
 from translator.net.resolver import Resolver
 from translator.net.watcher import InterfaceWatcher
@@ -25,8 +26,8 @@ from translator.ratelog import RateLimitedLog
 from translator.relay.channel import Channel
 from translator.relay.listeners import MultiRegistry
 from translator.relay.multicast import MulticastHub
-from translator.relay.udp import UdpAssociation
 
+from .context import Services
 from .session import Session
 
 log = logging.getLogger("socks64.server")
@@ -118,8 +119,25 @@ class Gateway:
                 socket.AF_INET6: config.udp.multicast_interface_v6,
             },
         )
-        self.udp_drop_log = RateLimitedLog(level=logging.INFO)
-        self.udp_associations: set[UdpAssociation] = set()
+        outbound = partial(connect_socket, interface=config.outbound.interface)
+        self.services = Services(
+            config=config,
+            table=self.table,
+            resolver=self.resolver,
+            clock=clock,
+            connect=lambda addresses, port: connect_happy(
+                addresses,
+                port,
+                prefer=rc.prefer_family,
+                delay=rc.happy_eyeballs_delay,
+                timeout=config.timeouts.connect,
+                attempt=outbound,
+            ),
+            verify_password=self.verify_password,
+            multi=self.multi,
+            multicast=self.multicast,
+            udp_drop_log=RateLimitedLog(level=logging.INFO),
+        )
         self._unsubscribe: Callable[[], None] | None = None
         self.endpoints: list[Endpoint] = []
         self._listeners: list[socket.socket] = []
@@ -155,8 +173,8 @@ class Gateway:
         """Interfaces change under a running gateway: act on what it affects."""
         if event == "address-removed" and isinstance(subject, InterfaceAddress):
             stranded = [
-                association
-                for association in self.udp_associations
+                channel
+                for association, channel in self.services.udp_associations.items()
                 if association.relay_endpoint is not None
                 and association.relay_endpoint[0] == subject.address
             ]
@@ -165,8 +183,8 @@ class Gateway:
                 subject.address,
                 len(stranded),
             )
-            for association in stranded:
-                _end_stranded(association.session.channel.sock)
+            for channel in stranded:
+                _end_stranded(channel.sock)
         elif event == "link-down" and isinstance(subject, Interface):
             groups = [g for g in self.multicast.joined() if g[2] == subject.index]
             log.warning(
@@ -176,10 +194,6 @@ class Gateway:
             )
         elif event == "link-up" and isinstance(subject, Interface):
             log.info("interface %s is up", subject.name)
-
-    def order_addresses(self, addresses: Sequence[IPAddress]) -> list[IPAddress]:
-        """Happy Eyeballs order under the configured family preference."""
-        return order_addresses(addresses, self.config.resolver.prefer_family)
 
     async def verify_password(self, user: str, password: str) -> bool:
         if self.credentials is None or self._auth_slots is None:
@@ -213,7 +227,7 @@ class Gateway:
 
     async def _serve(self, channel: Channel) -> None:
         try:
-            await Session(self, channel).run()
+            await Session(self.services, channel).run()
         finally:
             channel.close()
 

@@ -1,8 +1,10 @@
-"""One client connection: handshake, requests, and the hand-over to the relay.
+"""One client connection: the only code that reads or writes the client socket.
 
-The codec (``translator.wire``) owns every byte; this module decides. Each request either
-succeeds, or fails with exactly one reply code from ``replies.rep_for`` and one log line,
-and then the connection closes (profile 3). Nothing a client sends can raise out of here.
+The codec (``translator.wire``) owns every byte; request handlers decide; the session
+carries out what they decide (an outcome: reply and relay, reply and wait for a BIND
+peer, reply and serve a UDP association...). Each request either succeeds or fails with
+exactly one reply code from ``replies.rep_for`` and one log line, and then the
+connection closes (profile 3). Nothing a client sends can raise out of here.
 """
 
 from __future__ import annotations
@@ -11,51 +13,47 @@ import asyncio
 import contextlib
 import logging
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from addrmap import AddrMapError, Owner, Target
-from translator import policy as pol
-from translator.net.addresses import IPAddress, as_target, owner_for, sockaddr_ip
-from translator.net.resolver import ResolveError
+from translator.net.addresses import IPAddress, sockaddr_ip
 from translator.relay.channel import Channel, ChannelClosed
-from translator.relay.tcp import RelayStats, relay
+from translator.relay.listeners import BindListener
+from translator.relay.tcp import relay
+from translator.relay.udp import UdpAssociation
 from translator.wire import (
-    FLAG_REAL_FAMILY,
-    NEED_DATA,
-    PAUSED,
-    Address,
-    AddressId,
     Command,
+    ControlRequest,
     Event,
     Greeting,
+    MessageRejected,
     Method,
     Phase,
     RemoteProtocolError,
     Rep,
+    Reply,
     Request,
     ServerConnection,
+    Signal,
+    Socks4Reply,
     Socks4Request,
     Socks6Attempt,
+    TunnelDatagram,
     UserPassRequest,
 )
 
-from .replies import GatewayError, describe, rep_for
-
-if TYPE_CHECKING:
-    from .server import Gateway
+from .associate import address_associate
+from .bind import serve_bind
+from .connect import serve_connect
+from .context import RequestContext, Services
+from .outcomes import Answer, AnyReply, Associate, AwaitPeer, Hold, Outcome, Relay
+from .replies import REFUSALS, GatewayError, describe, rep_for
+from .socks4 import serve_socks4
+from .udp import control, serve_udp
 
 log = logging.getLogger("socks64.session")
 
-_POLICY_COMMAND = {
-    Command.CONNECT: pol.Command.CONNECT,
-    Command.CONNECT_AA: pol.Command.CONNECT,
-    Command.BIND: pol.Command.BIND,
-    Command.BIND_AA: pol.Command.BIND,
-    Command.UDP_ASSOCIATE: pol.Command.UDP,
-    Command.UDP_ASSOCIATE_AA: pol.Command.UDP,
-    Command.ADDRESS_ASSOCIATE: pol.Command.ASSOCIATE,
-}
 _METHOD_BY_NAME = {"none": Method.NO_AUTH, "username": Method.USERNAME_PASSWORD}
+_READ_SIZE = 65536
 
 
 class ClientGone(Exception):
@@ -65,110 +63,99 @@ class ClientGone(Exception):
 class Session:
     """Serves one accepted client connection from greeting to close."""
 
-    def __init__(self, gateway: Gateway, channel: Channel) -> None:
-        self.gw = gateway
+    def __init__(self, services: Services, channel: Channel) -> None:
+        self.services = services
+        self.config = services.config
         self.channel = channel
         peer = channel.peername
-        self.client_ip: IPAddress = sockaddr_ip(peer)
-        self.client_port: int = int(peer[1])  # type: ignore[call-overload]
-        self.facing_ip: IPAddress = sockaddr_ip(channel.sockname)
-        self.user: str | None = None
+        self.ctx = RequestContext(
+            services,
+            client_ip=sockaddr_ip(peer),
+            client_port=int(peer[1]),  # type: ignore[call-overload]
+            facing_ip=sockaddr_ip(channel.sockname),
+        )
         self.conn = ServerConnection()
-        self._pins: list[int] = []
+        self._doing = "handshake"  # for the log when the client leaves
 
     @property
     def label(self) -> str:
-        """The client as logs name it; built only when something is logged."""
-        if self.client_ip.version == 6:
-            return f"[{self.client_ip}]:{self.client_port}"
-        return f"{self.client_ip}:{self.client_port}"
+        return self.ctx.label
 
-    @property
-    def owner(self) -> Owner:
-        return owner_for(self.client_ip, self.user)
+    # -- the one reader and the one writer ------------------------------------------------
 
-    # -- I/O helpers ------------------------------------------------------------------
+    async def _read(self) -> bytes:
+        """The next bytes from the client; ClientGone at end of stream or reset."""
+        try:
+            data = await self.channel.recv(_READ_SIZE)
+        except ChannelClosed as exc:
+            raise ClientGone(str(exc)) from None
+        if not data:
+            raise ClientGone("closed by client")
+        return data
 
-    async def next_event(self, deadline: float) -> Event:
+    async def _next_event(self, deadline: float) -> Event:
         """The next client message; TimeoutError at ``deadline`` (loop time)."""
         loop = asyncio.get_running_loop()
         while True:
             event = self.conn.next_event()
-            if event is PAUSED:
+            if not isinstance(event, Signal):
+                return event
+            if event is Signal.PAUSED:
                 raise AssertionError("codec paused with no answer pending")
-            if event is not NEED_DATA:
-                return event  # type: ignore[return-value]
             try:
                 # Most requests are already in the kernel: skip the loop round trip.
                 data = self.channel.recv_ready(4096)
-                if data is None:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        raise TimeoutError
-                    async with asyncio.timeout(remaining):
-                        data = await self.channel.recv(4096)
             except ChannelClosed as exc:
                 raise ClientGone(str(exc)) from None
-            if not data:
+            if data is None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(remaining):
+                    data = await self._read()
+            elif not data:
                 raise ClientGone("closed by client")
             self.conn.receive_data(data)
 
-    async def send(self, data: bytes) -> None:
+    async def _send(self, data: bytes) -> None:
         """Write codec output; a client that stops reading cannot stall us forever."""
         if not data:
             return
         try:
             rest = self.channel.send_now(data)  # replies are small: the kernel takes them
             if rest:
-                async with asyncio.timeout(self.gw.config.timeouts.handshake):
+                async with asyncio.timeout(self.config.timeouts.handshake):
                     await self.channel.send_all(rest)
         except ChannelClosed as exc:
             raise ClientGone(str(exc)) from None
 
-    async def relay_after(self, reply: bytes, peer: socket.socket) -> RelayStats:
-        """Send the final success reply, then relay; both sockets end closed."""
-        try:
-            await self.send(reply)
-        except BaseException:
-            peer.close()
-            raise
-        trailing = self.conn.take_trailing_data()  # the client pipelined payload
-        return await relay(
-            self.channel.detach(),
-            peer,
-            idle_timeout=self.gw.config.timeouts.idle,
-            clock=self.gw.clock,
-            to_peer=trailing,
-        )
+    async def _reply(self, reply: AnyReply, then: Phase | None) -> None:
+        if isinstance(reply, Socks4Reply):
+            await self._send(self.conn.send_socks4_reply(reply, then=then))
+        else:
+            await self._send(self.conn.send_reply(reply, then=then))
 
-    def pin(self, realid: int) -> None:
-        if self.gw.table.pin(self.owner, realid):
-            self._pins.append(realid)
-
-    # -- main -------------------------------------------------------------------------
+    # -- main -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        what = "handshake"
         try:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.gw.config.timeouts.handshake
-            event = await self.next_event(deadline)
+            deadline = loop.time() + self.config.timeouts.handshake
+            event = await self._next_event(deadline)
             if isinstance(event, Socks6Attempt):
-                await self.send(self.conn.send_socks6_mismatch())
+                await self._send(self.conn.send_socks6_mismatch())
                 log.info("%s: SOCKS 6 is not implemented yet; sent version mismatch", self.label)
                 return
             if isinstance(event, Socks4Request):
-                from .socks4 import serve_socks4
-
-                what = f"SOCKS4 {event.command.name}"
-                await serve_socks4(self, event)
+                self._doing = f"SOCKS4 {event.command.name}"
+                await self._serve_socks4(event)
                 return
             assert isinstance(event, Greeting)
             if not await self._negotiate(event, deadline):
                 return
             await self._serve_requests(deadline)
         except ClientGone as exc:
-            log.debug("%s: %s during %s", self.label, exc, what)
+            log.debug("%s: %s during %s", self.label, exc, self._doing)
         except TimeoutError:
             log.info("%s: handshake timed out", self.label)
         except RemoteProtocolError as exc:
@@ -177,134 +164,248 @@ class Session:
         except Exception:  # a bug must cost one client, never the gateway
             log.exception("%s: internal error", self.label)
         finally:
-            for realid in self._pins:
-                self.gw.table.unpin(self.owner, realid)
-            self._pins.clear()
+            self.ctx.unpin_all()
 
     async def _fail_quietly(self, rep: Rep) -> None:
         with contextlib.suppress(ClientGone, TimeoutError):
-            await self.send(self.conn.send_error(rep))
+            await self._send(self.conn.send_error(rep))
 
     async def _negotiate(self, greeting: Greeting, deadline: float) -> bool:
         offered = set(greeting.methods)
         chosen = next(
             (
                 _METHOD_BY_NAME[name]
-                for name in self.gw.config.auth.methods
+                for name in self.config.auth.methods
                 if _METHOD_BY_NAME[name] in offered
             ),
             Method.NO_ACCEPTABLE,
         )
-        await self.send(self.conn.send_method(chosen))
+        await self._send(self.conn.send_method(chosen))
         if chosen == Method.NO_ACCEPTABLE:
             log.info("%s: no acceptable method among %s", self.label, sorted(offered))
             return False
         if chosen == Method.USERNAME_PASSWORD:
-            event = await self.next_event(deadline)
+            event = await self._next_event(deadline)
             assert isinstance(event, UserPassRequest)
             user = event.username.decode("utf-8", "replace")
             password = event.password.decode("utf-8", "replace")
-            ok = await self.gw.verify_password(user, password)
-            await self.send(self.conn.send_auth_result(ok))
+            ok = await self.services.verify_password(user, password)
+            await self._send(self.conn.send_auth_result(ok))
             if not ok:
                 log.info("%s: authentication failed for user %r", self.label, user)
                 return False
-            self.user = user
+            self.ctx.user = user
         return True
 
     async def _serve_requests(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
-        limit = self.gw.config.limits.max_requests_per_connection
+        limit = self.config.limits.max_requests_per_connection
         for _ in range(limit):
-            request = await self.next_event(deadline)
+            request = await self._next_event(deadline)
             assert isinstance(request, Request)
+            self._doing = request.command.name
             try:
-                if request.command == Command.ADDRESS_ASSOCIATE:
-                    from .associate import address_associate
-
-                    reply = await address_associate(self, request)
-                    await self.send(self.conn.send_reply(reply, then=Phase.REQUEST))
+                outcome = await _handle(self.ctx, request)
+                if isinstance(outcome, Answer):
+                    await self._reply(outcome.reply, Phase.REQUEST)
                     # The control channel stays open (profile 5): next request within idle.
-                    deadline = loop.time() + self.gw.config.timeouts.idle
+                    deadline = loop.time() + self.config.timeouts.idle
                     continue
-                await self._final_request(request)
-            except (GatewayError, OSError, ResolveError, AddrMapError) as exc:
-                await self.refuse(request, exc)
+                await self._carry_out(outcome)
+            except REFUSALS as exc:
+                await self._refuse(f"{request.command.name} {_show(request)}", exc)
             return
-        await self.refuse_text(Rep.GENERAL_FAILURE, f"more than {limit} requests on one connection")
+        reason = f"more than {limit} requests on one connection"
+        await self._refuse("", GatewayError(Rep.GENERAL_FAILURE, reason))
 
-    async def _final_request(self, request: Request) -> None:
-        base = request.command.base
-        if base == Command.CONNECT:
-            from .connect import serve_connect
+    async def _serve_socks4(self, request: Socks4Request) -> None:
+        try:
+            await self._carry_out(await serve_socks4(self.ctx, request))
+        except REFUSALS as exc:
+            what = f"SOCKS4 {request.command.name} {request.address}:{request.port}"
+            log.info("%s: %s: %s -> rejected", self.label, what, describe(exc))
+            await self._fail_quietly(Rep.GENERAL_FAILURE)  # CD 91: SOCKS 4 has no other
 
-            await serve_connect(self, request)
-        elif base == Command.BIND:
-            from .bind import serve_bind
-
-            await serve_bind(self, request)
-        else:
-            from .udp import serve_udp
-
-            await serve_udp(self, request)
-
-    async def refuse(self, request: Request | None, exc: BaseException) -> None:
+    async def _refuse(self, what: str, exc: BaseException) -> None:
         rep = rep_for(exc)
-        what = "" if request is None else f"{request.command.name} {_show(request)}: "
-        log.info("%s: %s%s -> REP %d %s", self.label, what, describe(exc), rep, rep.name)
+        prefix = f"{what}: " if what else ""
+        log.info("%s: %s%s -> REP %d %s", self.label, prefix, describe(exc), rep, rep.name)
         await self._fail_quietly(rep)
 
-    async def refuse_text(self, rep: Rep, reason: str) -> None:
-        await self.refuse(None, GatewayError(rep, reason))
+    # -- outcomes -------------------------------------------------------------------------
 
-    # -- shared request steps ---------------------------------------------------------
+    async def _carry_out(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Relay):
+            await self._relay_after(outcome.reply, outcome.peer, outcome.what)
+        elif isinstance(outcome, AwaitPeer):
+            await self._bind(outcome)
+        elif isinstance(outcome, Hold):
+            await self._hold(outcome)
+        elif isinstance(outcome, Associate):
+            await self._associate(outcome)
+        else:
+            raise AssertionError(f"{outcome!r} answers a request; it does not end one")
 
-    def policy_command(self, command: Command) -> pol.Command:
-        return _POLICY_COMMAND[command]
-
-    def target_of(self, address: Address) -> tuple[Target, int | None]:
-        """A request's address as a table target, and the REALID when it was an ID."""
-        if isinstance(address, AddressId):
-            if address.unspecified:
-                raise GatewayError(Rep.INVALID_ADDRESS, "the unspecified ADDRESS ID names nothing")
-            target = self.gw.table.lookup(self.owner, address.realid)
-            if target is None:
-                raise GatewayError(Rep.INVALID_ADDRESS, f"unknown or foreign {address}")
-            return target, address.realid
-        return as_target(address), None
-
-    async def destination(
-        self, address: Address, port: int, command: pol.Command
-    ) -> tuple[Target, list[IPAddress], int | None]:
-        """Resolve a destination to the addresses the policy lets this client reach."""
-        policy = self.gw.config.policy
-        if not policy.may_allow(client=self.client_ip, user=self.user, command=command):
-            raise GatewayError(Rep.NOT_ALLOWED, "no rule allows this client")
-        target, realid = self.target_of(address)
-        name = target if isinstance(target, str) else None
-        candidates = [target] if name is None else await self.gw.resolver.resolve(name)
-        allowed: list[IPAddress] = []
-        reason = ""
-        for candidate in candidates:
-            decision = policy.check(
-                client=self.client_ip,
-                user=self.user,
-                command=command,
-                address=candidate,  # type: ignore[arg-type]
-                name=name,
-                port=port,
+    async def _relay_after(self, reply: AnyReply, peer: socket.socket, what: str) -> None:
+        """Send the final success reply, then relay; both sockets end closed."""
+        try:
+            await self._reply(reply, Phase.RELAY)
+        except BaseException:
+            peer.close()
+            raise
+        trailing = self.conn.take_trailing_data()  # the client pipelined payload
+        stats = await relay(
+            self.channel.detach(),
+            peer,
+            idle_timeout=self.config.timeouts.idle,
+            clock=self.services.clock,
+            to_peer=trailing,
+        )
+        if log.isEnabledFor(logging.DEBUG):  # once per session: skip building the arguments
+            log.debug(
+                "%s: %s done, %d bytes up, %d down%s",
+                self.label,
+                what,
+                stats.to_peer,
+                stats.to_client,
+                " (idle timeout)" if stats.idle_timeout else "",
             )
-            if decision.allowed:
-                allowed.append(candidate)  # type: ignore[arg-type]
-            else:
-                reason = decision.reason
-        if not allowed:
-            raise GatewayError(Rep.NOT_ALLOWED, f"denied by policy ({reason})")
-        return target, allowed, realid
 
-    def reply_flag(self, request: Request, honoured: int = 0) -> int:
-        """FLAG bits echoed in a reply: only those the gateway understood and honoured."""
-        return (request.flag & FLAG_REAL_FAMILY) | honoured
+    async def _bind(self, outcome: AwaitPeer) -> None:
+        """BIND: first reply, the peer (while watching the client), second reply, relay."""
+        try:
+            await self._reply(outcome.first, Phase.BIND_WAIT)
+            sock, peer_ip, peer_port = await self._accept(outcome.listener, outcome.expected)
+        finally:
+            outcome.release()
+        try:
+            second = outcome.second(peer_ip, peer_port)
+        except BaseException:
+            sock.close()
+            raise
+        await self._relay_after(second, sock, f"BIND peer {peer_ip}:{peer_port}")
+
+    async def _accept(
+        self, listener: BindListener, expected: Callable[[IPAddress], bool]
+    ) -> tuple[socket.socket, IPAddress, int]:
+        """Accept the peer, giving up when the client leaves or bind_accept runs out.
+        Bytes the client sends meanwhile are kept for the relay (the codec holds them)."""
+        accept = asyncio.ensure_future(listener.accept(expected))
+        watch = asyncio.ensure_future(self._read())
+        handed_over = False
+        try:
+            async with asyncio.timeout(self.config.timeouts.bind_accept):
+                while True:
+                    await asyncio.wait((accept, watch), return_when=asyncio.FIRST_COMPLETED)
+                    if accept.done():
+                        handed_over = True
+                        return accept.result()
+                    self.conn.receive_data(watch.result())
+                    watch = asyncio.ensure_future(self._read())
+        finally:
+            watch.cancel()
+            if not handed_over:
+                accept.cancel()
+                with contextlib.suppress(BaseException):
+                    await accept
+                if accept.done() and not accept.cancelled() and accept.exception() is None:
+                    accept.result()[0].close()  # accepted just as we gave up
+            with contextlib.suppress(BaseException):
+                await watch
+
+    async def _hold(self, outcome: Hold) -> None:
+        """A MULTI holding connection keeps its listener until the client closes."""
+        try:
+            await self._reply(outcome.reply, Phase.HOLD)
+            with contextlib.suppress(ClientGone):
+                while True:
+                    await self._read()  # nothing is parsed while holding
+        finally:
+            outcome.release()
+
+    async def _associate(self, outcome: Associate) -> None:
+        association = outcome.association
+        if outcome.then is Phase.TUNNEL:
+            association.tunnel = self.channel  # its datagrams are written on our connection
+        self.services.udp_associations[association] = self.channel
+        try:
+            await self._reply(outcome.reply, outcome.then)
+            log.debug("%s: UDP association on port %d", self.label, outcome.reply.port)
+            await self._serve_association(association)
+        finally:
+            self.services.udp_associations.pop(association, None)
+            association.close()
+            stats = association.stats
+            log.debug(
+                "%s: UDP association ended: %d to peers, %d to client, %d dropped",
+                self.label,
+                stats.to_peers,
+                stats.to_client,
+                stats.dropped,
+            )
+
+    async def _serve_association(self, association: UdpAssociation) -> None:
+        """Control requests and tunnelled datagrams until the client leaves or goes idle."""
+        idle = self.config.udp.idle
+        conn = self.conn
+        while True:
+            try:
+                event = conn.next_event()
+            except MessageRejected as exc:
+                if exc.answer_owed:
+                    await self._answer(Reply(exc.rep or Rep.GENERAL_FAILURE))
+                    log.info("%s: control request refused: %s", self.label, exc.reason)
+                else:
+                    association.stats.dropped_malformed += 1
+                    association.stats.dropped += 1
+                continue
+            if isinstance(event, TunnelDatagram):
+                association.client_datagram(event.datagram)
+                continue
+            if isinstance(event, ControlRequest):
+                await self._answer(await self._control(association, event))
+                continue
+            assert event is Signal.NEED_DATA
+            remaining = association.last_activity + idle - self.services.clock()
+            if remaining <= 0:
+                log.info("%s: UDP association idle for %g s; closing", self.label, idle)
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    data = await self._read()
+            except TimeoutError:
+                continue  # datagrams may have kept it alive: re-check the idle clock
+            except ClientGone:
+                return  # the TCP connection ended, and the association with it
+            conn.receive_data(data)
+
+    async def _control(self, association: UdpAssociation, request: ControlRequest) -> Reply:
+        try:
+            return await control(self.ctx, association, request)
+        except REFUSALS as exc:
+            rep = rep_for(exc)
+            what = f"{request.sub.name} {request.address}:{request.port}"
+            log.info("%s: %s: %s -> REP %d %s", self.label, what, describe(exc), rep, rep.name)
+            return Reply(rep)
+
+    async def _answer(self, reply: Reply) -> None:
+        then = self.conn.phase if reply.rep == Rep.SUCCEEDED else None
+        try:
+            await self._send(self.conn.send_reply(reply, then=then))
+        except TimeoutError:
+            raise ClientGone("client does not read its control replies") from None
+
+
+async def _handle(ctx: RequestContext, request: Request) -> Outcome:
+    """Dispatch a SOCKS 5 request to its handler."""
+    if request.command == Command.ADDRESS_ASSOCIATE:
+        return await address_associate(ctx, request)
+    base = request.command.base
+    if base == Command.CONNECT:
+        return await serve_connect(ctx, request)
+    if base == Command.BIND:
+        return await serve_bind(ctx, request)
+    return await serve_udp(ctx, request)
 
 
 def _show(request: Request) -> str:

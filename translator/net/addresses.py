@@ -1,12 +1,10 @@
-"""Address helpers shared by the request handlers: owners, targets, reply families."""
+"""IP address helpers every layer shares: one ``IPAddress`` type, sockaddr parsing,
+families, and the source address the kernel would pick."""
 
 from __future__ import annotations
 
 import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address
-
-from addrmap import Owner, Target
-from translator.wire import Address, AddressId
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -23,46 +21,14 @@ def sockaddr_ip(sockaddr: tuple[object, ...]) -> IPAddress:
     return unmapped(ip_address(host))
 
 
-def family_of(address: IPAddress) -> int:
-    return socket.AF_INET6 if isinstance(address, IPv6Address) else socket.AF_INET
-
-
-def owner_for(client: IPAddress, user: str | None) -> Owner:
-    return Owner(client.compressed, user)
-
-
-def as_target(address: Address) -> Target:
-    """A literal or a name as the address table stores it (IDs are resolved first)."""
-    if isinstance(address, AddressId):
-        raise TypeError("an ADDRESS ID is not a target; look it up first")
-    if isinstance(address, str):
-        try:  # an IP literal sent as ATYP X'03' is that literal, not a name to look up
-            return unmapped(ip_address(address))
-        except ValueError:
-            return address.lower()
-    return address
-
-
-def is_unspecified(address: Address) -> bool:
-    if isinstance(address, AddressId):
-        return address.unspecified
-    if isinstance(address, str):
-        return False
-    return address.is_unspecified
-
-
-def in_client_family(real: IPAddress, client_facing: IPAddress, *, real_family: bool) -> IPAddress:
-    """Profile 6: an address of the other family is replaced by our client-facing one."""
-    if real_family or family_of(real) == family_of(client_facing):
-        return real
-    return client_facing
+def family_of(address: IPAddress) -> socket.AddressFamily:
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
 def local_address_toward(destination: IPAddress) -> IPAddress | None:
     """The source address the kernel would pick toward ``destination`` (no packet sent)."""
-    family = family_of(destination)
     try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        with socket.socket(family_of(destination), socket.SOCK_DGRAM) as probe:
             probe.connect((destination.compressed, 9))
             return sockaddr_ip(probe.getsockname())
     except OSError:

@@ -19,12 +19,11 @@ import asyncio
 import errno
 import socket
 from collections.abc import Callable, Coroutine, Sequence
-from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-__all__ = ["ConnectAttempt", "connect_happy", "connect_socket", "order_addresses"]
+from .addresses import IPAddress, family_of
 
-IPAddress = IPv4Address | IPv6Address
+__all__ = ["ConnectAttempt", "connect_happy", "connect_socket", "order_addresses"]
 
 #: One connection attempt: connect to (address, port), return a connected non-blocking
 #: socket, close it yourself if cancelled or failing. Injectable for tests.
@@ -32,10 +31,6 @@ ConnectAttempt = Callable[[IPAddress, int], Coroutine[Any, Any, socket.socket]]
 
 # Lower rank = tells the client more. Anything unlisted ranks after these, in arrival order.
 _ERRNO_RANK = {errno.ECONNREFUSED: 0, errno.EHOSTUNREACH: 1, errno.ENETUNREACH: 2}
-
-
-def _family(address: IPAddress) -> socket.AddressFamily:
-    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
 def order_addresses(
@@ -49,8 +44,8 @@ def order_addresses(
     if prefer not in (socket.AF_INET, socket.AF_INET6):
         raise ValueError(f"prefer must be AF_INET or AF_INET6, not {prefer!r}")
     unique = list(dict.fromkeys(addresses))
-    preferred = [a for a in unique if _family(a) == prefer]
-    other = [a for a in unique if _family(a) != prefer]
+    preferred = [a for a in unique if family_of(a) == prefer]
+    other = [a for a in unique if family_of(a) != prefer]
     ordered: list[IPAddress] = []
     for index in range(max(len(preferred), len(other))):
         ordered.extend(family[index] for family in (preferred, other) if index < len(family))
@@ -65,7 +60,7 @@ async def connect_socket(
 
     The socket is closed if the attempt fails or is cancelled.
     """
-    sock = socket.socket(_family(address), socket.SOCK_STREAM)
+    sock = socket.socket(family_of(address), socket.SOCK_STREAM)
     try:
         if interface is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())

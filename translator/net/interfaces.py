@@ -39,12 +39,18 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_LINK,
 )
 
+from .addresses import IPAddress
+
 log = logging.getLogger("socks64.interfaces")
 
-IPAddress = IPv4Address | IPv6Address
 EventName = Literal["link-up", "link-down", "address-added", "address-removed"]
 Event = tuple[EventName, "Interface | InterfaceAddress"]
 Callback = Callable[[str, "Interface | InterfaceAddress"], None]
+
+
+class NoInterface(LookupError):
+    """No interface fits the request (a named one is missing, or no default route)."""
+
 
 # <linux/if.h> and <linux/if_addr.h>
 IFF_UP = 0x1
@@ -197,9 +203,6 @@ class InterfaceTable:
     def by_name(self, name: str) -> Interface | None:
         return next((i for i in self._links.values() if i.name == name), None)
 
-    def by_index(self, index: int) -> Interface | None:
-        return self._links.get(index)
-
     def default_interface(self, family: int) -> Interface | None:
         for route in self._routes.get(family, ()):
             link = self._links.get(route.oif)
@@ -315,11 +318,11 @@ class InterfaceManager:
             link = self._table.by_name(name)
             if link is None:
                 known = ", ".join(i.name for i in self._table.interfaces()) or "none"
-                raise LookupError(f"multicast interface {name!r} does not exist (known: {known})")
+                raise NoInterface(f"multicast interface {name!r} does not exist (known: {known})")
             return link
         link = self._table.default_interface(family)
         if link is None:
-            raise LookupError(
+            raise NoInterface(
                 f"no multicast interface configured and no {family_name} default route "
                 "whose interface is up to pick one from"
             )

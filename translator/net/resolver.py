@@ -37,6 +37,8 @@ import aiodns
 import pycares
 from aiodns import error as ares_error
 
+from .addresses import IPAddress
+
 __all__ = [
     "HostsFile",
     "IPAddress",
@@ -49,7 +51,6 @@ __all__ = [
     "parse_nameserver",
 ]
 
-IPAddress = IPv4Address | IPv6Address
 
 _LOOPBACK: tuple[IPAddress, ...] = (IPv6Address("::1"), IPv4Address("127.0.0.1"))
 _MAX_NAME_LENGTH = 253  # RFC 1035 section 2.3.4, in text form without the final dot

@@ -14,7 +14,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from .interfaces import Callback, Interface, InterfaceAddress, InterfaceManager, IPAddress
+from .addresses import IPAddress
+from .interfaces import Callback, Interface, InterfaceAddress, InterfaceManager
 
 
 class InterfaceWatcher:

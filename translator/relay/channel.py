@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import socket
 
 _HIGH_WATER = 1 << 20  # bytes queued by write_nowait before callers should back off
@@ -147,7 +146,3 @@ class Channel:
         self.closed = True
         with contextlib.suppress(OSError):
             self.sock.close()
-
-
-def is_reset(exc: OSError) -> bool:
-    return exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN)

@@ -17,7 +17,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
 
 from translator.net.addresses import IPAddress, family_of, sockaddr_ip
-from translator.net.interfaces import ip_mreqn, ipv6_mreq
+from translator.net.interfaces import NoInterface, ip_mreqn, ipv6_mreq
 
 if TYPE_CHECKING:
     from translator.net.watcher import InterfaceWatcher
@@ -68,7 +68,7 @@ class MulticastHub:
         self._groups: dict[tuple[IPAddress, int, int], _Group] = {}
 
     def interface_index(self, family: int) -> int:
-        """The interface for joins and sends in ``family``; LookupError when none fits."""
+        """The interface for joins and sends in ``family``; NoInterface when none fits."""
         return self.interfaces.multicast_interface(family, self.names.get(family)).index
 
     def send_interface_index(self, family: int) -> int:
@@ -76,11 +76,11 @@ class MulticastHub:
         or found, so plain unicast relaying never depends on it."""
         try:
             return self.interface_index(family)
-        except LookupError:
+        except NoInterface:
             return 0
 
     async def join(self, group: IPAddress, port: int, deliver: Subscriber) -> Membership:
-        """Subscribe; raises ValueError for a non-multicast address, LookupError when no
+        """Subscribe; raises ValueError for a non-multicast address, NoInterface when no
         interface fits, OSError when the kernel refuses the membership."""
         if not group.is_multicast:
             raise ValueError(f"{group} is not a multicast group")

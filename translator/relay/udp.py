@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,22 +27,25 @@ from translator.wire import (
     UdpDatagram,
     decode_udp_datagram,
     encode_tunnel_frame,
+    udp_header_length,
 )
 
 from .fragments import Reassembler
 
 if TYPE_CHECKING:
-    from translator.gateway.session import Session
+    from addrmap import AddressTable, Owner
+    from translator.config import UdpConfig
+    from translator.net.resolver import Resolver
+    from translator.ratelog import RateLimitedLog
 
     from .channel import Channel
-    from .multicast import Membership
+    from .multicast import Membership, MulticastHub
 
 log = logging.getLogger("socks64.udp")
 
 _MAX_PEERS = 4096  # remembered (peer -> how the client named it) per association
 _MAX_NAMES = 256
 _MAX_UDP_PAYLOAD = 65507
-_HEADER_SIZE = {1: 10, 4: 22, 8: 10}  # RSV(2) FRAG ATYP ADDR PORT by ATYP (3 varies)
 Endpoint = tuple[IPAddress, int]
 
 
@@ -90,40 +93,57 @@ class _Receiver(asyncio.DatagramProtocol):
         log.debug("UDP socket error: %s", exc)
 
 
+@dataclass(frozen=True, slots=True)
+class UdpDeps:
+    """What an association needs from the gateway, handed in: it never sees a session."""
+
+    owner: Owner  # whose IDs it looks up and issues
+    user: str | None
+    client_ip: IPAddress
+    facing_ip: IPAddress  # the gateway address the client reached: the relay's address
+    label: str  # the client, as logs name it
+    settings: UdpConfig
+    policy: pol.Policy
+    table: AddressTable
+    resolver: Resolver
+    order: Callable[[Sequence[IPAddress]], list[IPAddress]]  # Happy Eyeballs order
+    multicast: MulticastHub
+    clock: Callable[[], float]
+    drop_log: RateLimitedLog
+
+
 class UdpAssociation:
     """State of one UDP ASSOCIATE; ends with its TCP connection (``close()``)."""
 
     def __init__(
         self,
-        session: Session,
+        deps: UdpDeps,
         *,
         aa: bool,
         real_family: bool,
         client_port: int | None,
-        tunnel: Channel | None = None,
     ) -> None:
-        self.session = session
-        gw = session.gw
-        self.config = gw.config.udp
-        self.client_ip = session.client_ip
-        self.client_family = family_of(session.client_ip)
+        self.deps = deps
+        self.config = deps.settings
+        self.client_ip = deps.client_ip
+        self.client_family = family_of(deps.client_ip)
         self.client_port = client_port  # declared, or pinned by the first datagram
         self.aa = aa
         self.real_family = real_family
-        self.tunnel = tunnel
+        self.tunnel: Channel | None = None  # TUNNEL mode: the client connection, lent
         self.stats = UdpStats()
-        self.last_activity = gw.clock()
+        self.last_activity = deps.clock()
         self.relay: asyncio.DatagramTransport | None = None
         self.relay_endpoint: Endpoint | None = None
         self.outbound: dict[int, asyncio.DatagramTransport] = {}
         self.outbound_port: int = 0  # USECLIENTSPORT: bind outbound sockets here
         self.reassembler = Reassembler(
-            clock=gw.clock,
+            clock=deps.clock,
             timeout=self.config.fragment_timeout,
             max_bytes=self.config.max_buffered_bytes,
         )
-        self._from_client_rate = _Bucket(self.config.max_datagram_rate, gw.clock)
-        self._to_client_rate = _Bucket(self.config.max_datagram_rate, gw.clock)
+        self._from_client_rate = _Bucket(self.config.max_datagram_rate, deps.clock)
+        self._to_client_rate = _Bucket(self.config.max_datagram_rate, deps.clock)
         self._verdicts: dict[Endpoint, bool] = {}
         self._named: dict[Endpoint, Address] = {}  # how the client addressed each peer
         self._rendered: dict[Endpoint, Address | None] = {}
@@ -144,7 +164,7 @@ class UdpAssociation:
     async def open_relay(self) -> Endpoint:
         """The client-facing socket, on the address the client reached (profile 7)."""
         loop = asyncio.get_running_loop()
-        facing = self.session.facing_ip
+        facing = self.deps.facing_ip
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _Receiver(self.from_client),
             local_addr=(facing.compressed, 0),
@@ -190,7 +210,7 @@ class UdpAssociation:
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, hops)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
                 sock.bind(("0.0.0.0", port))
-            index = self.session.gw.multicast.send_interface_index(family)
+            index = self.deps.multicast.send_interface_index(family)
             if index:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
@@ -214,8 +234,7 @@ class UdpAssociation:
         """A datagram on the relay socket: check its source, then relay it."""
         if addr == self._client_addr and len(data) > 4 and data[2] == 0:
             # Fast path: a known client to a destination already checked and resolved.
-            atyp = data[3]
-            size = _HEADER_SIZE.get(atyp) or (7 + data[4] if atyp == 3 else 0)
+            size = udp_header_length(data)
             route = self._routes.get(data[:size])
             if route is not None and self._from_client_rate.take():
                 route[0].sendto(data[size:], route[1])
@@ -244,7 +263,7 @@ class UdpAssociation:
         if not self._from_client_rate.take():
             self._drop("dropped_rate", "client datagram rate exceeded")
             return
-        self.last_activity = self.session.gw.clock()
+        self.last_activity = self.deps.clock()
         payload = datagram.data
         if datagram.frag:
             whole = self.reassembler.feed(
@@ -255,7 +274,7 @@ class UdpAssociation:
             payload = whole
         destination = datagram.address
         if isinstance(destination, AddressId):
-            target = self.session.gw.table.lookup(self.session.owner, destination.realid)
+            target = self.deps.table.lookup(self.deps.owner, destination.realid)
             if target is None:
                 self._drop("dropped_malformed", "unknown or foreign %s", destination)
                 return
@@ -286,9 +305,9 @@ class UdpAssociation:
         allowed = self._verdicts.get(key)
         if allowed is None:
             command = pol.Command.MULTICAST if peer.is_multicast else pol.Command.UDP
-            decision = self.session.gw.config.policy.check(
+            decision = self.deps.policy.check(
                 client=self.client_ip,
-                user=self.session.user,
+                user=self.deps.user,
                 command=command,
                 address=peer,
                 name=name,
@@ -349,13 +368,13 @@ class UdpAssociation:
 
         async def resolve() -> None:
             try:
-                addresses = await self.session.gw.resolver.resolve(name)
+                addresses = await self.deps.resolver.resolve(name)
             except ResolveError as exc:
                 self._drop("dropped", "cannot resolve %s: %s", name, exc)
                 return
             finally:
                 self._pending_bytes -= len(payload)
-            ordered = self.session.gw.order_addresses(addresses)
+            ordered = self.deps.order(addresses)
             if len(self._names) < _MAX_NAMES:
                 self._names[name] = ordered
             self._send_to_any(ordered, port, payload, named_as, name)
@@ -367,7 +386,7 @@ class UdpAssociation:
         while the fast path skips the table."""
         if len(self._id_pins) >= _MAX_NAMES:
             return False
-        if not self.session.gw.table.pin(self.session.owner, realid):
+        if not self.deps.table.pin(self.deps.owner, realid):
             return False
         self._id_pins.append(realid)
         return True
@@ -421,7 +440,7 @@ class UdpAssociation:
     def render_source(self, peer: IPAddress, port: int, *, by_id: bool = False) -> Address | None:
         """How the client sees a peer's address (profile 6 and 7)."""
         if self.aa or by_id:
-            return AddressId(self.session.gw.table.associate(self.session.owner, peer))
+            return AddressId(self.deps.table.associate(self.deps.owner, peer))
         if self.real_family or family_of(peer) == self.client_family:
             return peer
         return self._named.get((peer, port))
@@ -434,7 +453,7 @@ class UdpAssociation:
         if len(packet) > _MAX_UDP_PAYLOAD:
             self._drop("dropped", "datagram too large for the client once framed")
             return
-        self.last_activity = self.session.gw.clock()
+        self.last_activity = self.deps.clock()
         if self.tunnel is not None:
             if self.tunnel.congested:
                 self._drop("dropped", "tunnel congested")
@@ -453,7 +472,7 @@ class UdpAssociation:
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         if counter != "dropped":
             self.stats.dropped += 1
-        self.session.gw.udp_drop_log(log, "%s: " + message, self.session.label, *args)
+        self.deps.drop_log(log, "%s: " + message, self.deps.label, *args)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -463,7 +482,7 @@ class UdpAssociation:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("%s: UDP relay task failed", self.session.label, exc_info=task.exception())
+            log.error("%s: UDP relay task failed", self.deps.label, exc_info=task.exception())
 
     def close(self) -> None:
         if self.closed:
@@ -477,8 +496,8 @@ class UdpAssociation:
             transport.close()
         self.outbound.clear()
         for membership in self.memberships.values():
-            self.session.gw.multicast.leave(membership)
+            self.deps.multicast.leave(membership)
         self.memberships.clear()
         for realid in self._id_pins:
-            self.session.gw.table.unpin(self.session.owner, realid)
+            self.deps.table.unpin(self.deps.owner, realid)
         self._id_pins.clear()
