@@ -58,7 +58,7 @@ from translator.wire import (
     is_control_payload,
 )
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "protocol.md"
 
 _BLOCK = re.compile(r"^```socks-example\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 _LINE = re.compile(
