@@ -14,51 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
-import json
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from netnslab.probe_kit import describe, emit, parse_address, split_endpoint
+from netnslab.probe_udp import UDP_ACTIONS, add_udp_arguments
+
+__all__ = ["all_actions", "build_parser", "describe", "emit", "parse_address", "split_endpoint"]
+
 HTTP_GET = b"GET / HTTP/1.0\r\nHost: lab\r\n\r\n"
-
-
-def emit(**fields: Any) -> None:
-    """Print one JSON line and flush, so the scenario sees it at once."""
-    print(json.dumps(fields), flush=True)
-
-
-def parse_address(text: str) -> Any:
-    """``id:HEX`` -> AddressId, IP literal -> ip_address, anything else -> domain name."""
-    if text.startswith("id:"):
-        from translator.client import AddressId
-
-        return AddressId(int(text[3:], 16))
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return text
-
-
-def describe(address: Any) -> dict[str, Any]:
-    """JSON form of an Address: its kind and its text (``id:HEX`` for IDs)."""
-    if isinstance(address, ipaddress.IPv4Address):
-        return {"kind": "ipv4", "text": str(address)}
-    if isinstance(address, ipaddress.IPv6Address):
-        return {"kind": "ipv6", "text": str(address)}
-    if isinstance(address, str):
-        return {"kind": "domain", "text": address}
-    return {"kind": "id", "text": str(address)}
-
-
-def split_endpoint(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT``."""
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]:")
-        return host, int(port)
-    host, _, port = text.rpartition(":")
-    return host, int(port)
 
 
 async def _read_all(reader: asyncio.StreamReader, limit: float) -> bytes:
@@ -287,14 +253,10 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, 
 
 def all_actions() -> dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]]:
     """The TCP actions here and the UDP ones of `netnslab.probe_udp`."""
-    from netnslab.probe_udp import UDP_ACTIONS  # imports this module: not at the top
-
     return {**ACTIONS, **UDP_ACTIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from netnslab.probe_udp import add_udp_arguments
-
     parser = argparse.ArgumentParser(prog="netnslab.probe")
     parser.add_argument("action", choices=sorted(all_actions()))
     parser.add_argument("--proxy", help="gateway HOST:PORT")

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from netnslab.probe import describe, emit, parse_address, split_endpoint
+from netnslab.probe_kit import describe, emit, parse_address, split_endpoint
 from netnslab.testserver import parse_echo_reply
 
 SEND_TRIES = 3  # a lost datagram is retried this often before the exchange fails
