@@ -9,6 +9,7 @@ with MULTI from the same owner naming that endpoint's port each take one connect
 from __future__ import annotations
 
 import logging
+from functools import partial
 from ipaddress import IPv4Address, IPv6Address
 
 from translator import policy as pol
@@ -66,7 +67,7 @@ async def serve_bind(ctx: RequestContext, request: Request) -> AwaitPeer | Hold:
                 _first_reply(ctx, request, attached, request.flag & FLAG_BIND_MULTI),
                 attached,
                 attached.expected,
-                lambda ip, port: _second_reply(ctx, request, ip, port),
+                partial(_second_reply, ctx, request),
             )  # the holding connection owns the listener: nothing to release
     expected = await expected_peers(ctx, request.address, request.port)
     listen_port = request.port if request.flag & FLAG_BIND_PORT else 0
@@ -81,7 +82,7 @@ async def serve_bind(ctx: RequestContext, request: Request) -> AwaitPeer | Hold:
         listener.expected = expected
         ctx.services.multi.add(listener)
         return Hold(first, lambda: ctx.services.multi.remove(listener))
-    second = lambda ip, port: _second_reply(ctx, request, ip, port)  # noqa: E731
+    second = partial(_second_reply, ctx, request)
     return AwaitPeer(first, listener, expected, second, listener.close)
 
 

@@ -36,4 +36,4 @@ async def serve_connect(ctx: RequestContext, request: Request) -> Relay:
     except BaseException:
         sock.close()
         raise
-    return Relay(reply, sock, f"CONNECT {target}:{request.port}")
+    return Relay(reply, sock, ("CONNECT", target, request.port))

@@ -63,6 +63,10 @@ class Destination:
     realid: int | None  # the REALID the request named, pinned for the session
 
 
+def _denied(reason: str) -> GatewayError:
+    return GatewayError(Rep.NOT_ALLOWED, f"denied by policy ({reason})")
+
+
 def owner_for(client: IPAddress, user: str | None) -> Owner:
     return Owner(client.compressed, user)
 
@@ -174,7 +178,7 @@ class RequestContext:
         """REP X'02' unless the policy allows ``command`` toward ``address``."""
         decision = self._decide(command, address, name, port)
         if not decision.allowed:
-            raise GatewayError(Rep.NOT_ALLOWED, f"denied by policy ({decision.reason})")
+            raise _denied(decision.reason)
 
     def allows(self, command: pol.Command, address: IPAddress) -> pol.Decision:
         return self._decide(command, address, None, None)
@@ -228,7 +232,7 @@ class RequestContext:
             else:
                 reason = decision.reason
         if not allowed:
-            raise GatewayError(Rep.NOT_ALLOWED, f"denied by policy ({reason})")
+            raise _denied(reason)
         if realid is not None:
             self.pin(realid)
         return Destination(target, allowed, realid)

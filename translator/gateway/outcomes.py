@@ -35,7 +35,7 @@ class Relay:
 
     reply: AnyReply
     peer: socket.socket  # connected, non-blocking; the session owns it from here
-    what: str  # for the log: "CONNECT v6.example.test:80"
+    what: tuple[str, object, int]  # for the log, built only when logged: ("CONNECT", to, port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,7 @@ log = logging.getLogger("socks64.session")
 
 _METHOD_BY_NAME = {"none": Method.NO_AUTH, "username": Method.USERNAME_PASSWORD}
 _READ_SIZE = 65536
+_REQUEST_READ_SIZE = 4096  # handshake messages are small: no 64 KiB buffer per read
 
 
 class ClientGone(Exception):
@@ -75,7 +76,7 @@ class Session:
             facing_ip=sockaddr_ip(channel.sockname),
         )
         self.conn = ServerConnection()
-        self._doing = "handshake"  # for the log when the client leaves
+        self._doing: object = "handshake"  # for the log when the client leaves
 
     @property
     def label(self) -> str:
@@ -83,10 +84,10 @@ class Session:
 
     # -- the one reader and the one writer ------------------------------------------------
 
-    async def _read(self) -> bytes:
+    async def _read(self, size: int = _READ_SIZE) -> bytes:
         """The next bytes from the client; ClientGone at end of stream or reset."""
         try:
-            data = await self.channel.recv(_READ_SIZE)
+            data = await self.channel.recv(size)
         except ChannelClosed as exc:
             raise ClientGone(str(exc)) from None
         if not data:
@@ -104,7 +105,7 @@ class Session:
                 raise AssertionError("codec paused with no answer pending")
             try:
                 # Most requests are already in the kernel: skip the loop round trip.
-                data = self.channel.recv_ready(4096)
+                data = self.channel.recv_ready(_REQUEST_READ_SIZE)
             except ChannelClosed as exc:
                 raise ClientGone(str(exc)) from None
             if data is None:
@@ -112,7 +113,7 @@ class Session:
                 if remaining <= 0:
                     raise TimeoutError
                 async with asyncio.timeout(remaining):
-                    data = await self._read()
+                    data = await self._read(_REQUEST_READ_SIZE)
             elif not data:
                 raise ClientGone("closed by client")
             self.conn.receive_data(data)
@@ -147,7 +148,7 @@ class Session:
                 log.info("%s: SOCKS 6 is not implemented yet; sent version mismatch", self.label)
                 return
             if isinstance(event, Socks4Request):
-                self._doing = f"SOCKS4 {event.command.name}"
+                self._doing = event.command
                 await self._serve_socks4(event)
                 return
             assert isinstance(event, Greeting)
@@ -155,7 +156,8 @@ class Session:
                 return
             await self._serve_requests(deadline)
         except ClientGone as exc:
-            log.debug("%s: %s during %s", self.label, exc, self._doing)
+            doing = getattr(self._doing, "name", self._doing)  # a command, or "handshake"
+            log.debug("%s: %s during %s", self.label, exc, doing)
         except TimeoutError:
             log.info("%s: handshake timed out", self.label)
         except RemoteProtocolError as exc:
@@ -203,7 +205,7 @@ class Session:
         for _ in range(limit):
             request = await self._next_event(deadline)
             assert isinstance(request, Request)
-            self._doing = request.command.name
+            self._doing = request.command
             try:
                 outcome = await _handle(self.ctx, request)
                 if isinstance(outcome, Answer):
@@ -246,7 +248,9 @@ class Session:
         else:
             raise AssertionError(f"{outcome!r} answers a request; it does not end one")
 
-    async def _relay_after(self, reply: AnyReply, peer: socket.socket, what: str) -> None:
+    async def _relay_after(
+        self, reply: AnyReply, peer: socket.socket, what: tuple[str, object, int]
+    ) -> None:
         """Send the final success reply, then relay; both sockets end closed."""
         try:
             await self._reply(reply, Phase.RELAY)
@@ -263,9 +267,9 @@ class Session:
         )
         if log.isEnabledFor(logging.DEBUG):  # once per session: skip building the arguments
             log.debug(
-                "%s: %s done, %d bytes up, %d down%s",
+                "%s: %s %s:%d done, %d bytes up, %d down%s",
                 self.label,
-                what,
+                *what,
                 stats.to_peer,
                 stats.to_client,
                 " (idle timeout)" if stats.idle_timeout else "",
@@ -283,7 +287,7 @@ class Session:
         except BaseException:
             sock.close()
             raise
-        await self._relay_after(second, sock, f"BIND peer {peer_ip}:{peer_port}")
+        await self._relay_after(second, sock, ("BIND peer", peer_ip, peer_port))
 
     async def _accept(
         self, listener: BindListener, expected: Callable[[IPAddress], bool]

@@ -21,7 +21,7 @@ async def serve_socks4(ctx: RequestContext, request: Socks4Request) -> Relay | A
     if request.command == Socks4Command.CONNECT:
         sock, target, _ = await open_destination(ctx, request.address, request.port)
         return Relay(
-            Socks4Reply(Socks4Status.GRANTED), sock, f"SOCKS4 CONNECT {target}:{request.port}"
+            Socks4Reply(Socks4Status.GRANTED), sock, ("SOCKS4 CONNECT", target, request.port)
         )
     # DSTIP 0.0.0.0: any peer, as in SOCKS 5
     expected = await expected_peers(ctx, request.address, request.port)
