@@ -16,11 +16,11 @@ from translator.net.resolver import ResolveError, normalize_name
 from translator.wire import FLAG_REAL_FAMILY, Address, AddressId, Atyp, Rep, Reply, Request
 
 from .context import RequestContext
-from .outcomes import Answer
+from .outcomes import NextRequest
 from .replies import GatewayError
 
 
-async def address_associate(ctx: RequestContext, request: Request) -> Answer:
+async def address_associate(ctx: RequestContext, request: Request) -> NextRequest:
     ctx.require(pol.Command.ASSOCIATE)
     target, _ = ctx.target_of(request.address)
     if not isinstance(target, str):
@@ -39,7 +39,7 @@ async def address_associate(ctx: RequestContext, request: Request) -> Answer:
         bound = await _as_name(ctx, target)
     else:
         raise GatewayError(Rep.ADDRESS_TYPE_NOT_SUPPORTED, f"ADR.PREF {preference:#04x}")
-    return Answer(Reply(Rep.SUCCEEDED, bound, 0, flag))
+    return NextRequest(Reply(Rep.SUCCEEDED, bound, 0, flag))
 
 
 async def _as_family(ctx: RequestContext, target: Target, family: int) -> Address:

@@ -23,7 +23,7 @@ def _nothing() -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class Answer:
+class NextRequest:
     """Reply, then read the next request on the same connection (ADDRESS ASSOCIATE)."""
 
     reply: Reply
@@ -69,4 +69,4 @@ class Associate:
     then: Phase  # UDP_CONTROL or TUNNEL
 
 
-Outcome = Answer | Relay | AwaitPeer | Hold | Associate
+Outcome = NextRequest | Relay | AwaitPeer | Hold | Associate

@@ -45,7 +45,7 @@ from .associate import address_associate
 from .bind import serve_bind
 from .connect import serve_connect
 from .context import RequestContext, Services
-from .outcomes import Answer, AnyReply, Associate, AwaitPeer, Hold, Outcome, Relay
+from .outcomes import AnyReply, Associate, AwaitPeer, Hold, NextRequest, Outcome, Relay
 from .replies import REFUSALS, GatewayError, describe, rep_for
 from .socks4 import serve_socks4
 from .udp import control, serve_udp
@@ -208,7 +208,7 @@ class Session:
             self._doing = request.command
             try:
                 outcome = await _handle(self.ctx, request)
-                if isinstance(outcome, Answer):
+                if isinstance(outcome, NextRequest):
                     await self._reply(outcome.reply, Phase.REQUEST)
                     # The control channel stays open (profile 5): next request within idle.
                     deadline = loop.time() + self.config.timeouts.idle

@@ -14,7 +14,7 @@ from translator.gateway.associate import address_associate
 from translator.gateway.bind import Expected, serve_bind
 from translator.gateway.connect import serve_connect
 from translator.gateway.context import RequestContext
-from translator.gateway.outcomes import Answer, AwaitPeer, Relay
+from translator.gateway.outcomes import AwaitPeer, NextRequest, Relay
 from translator.gateway.replies import GatewayError, rep_for
 from translator.gateway.socks4 import serve_socks4
 from translator.gateway.udp import association_deps, control
@@ -62,7 +62,7 @@ async def test_associate_issues_an_id_that_names_the_target_for_this_owner_only(
     services, _, resolver, _ = make_services()
     ctx = make_ctx(services)
     answer = await address_associate(ctx, request(Command.ADDRESS_ASSOCIATE, "V6.Example.Test", 0))
-    assert isinstance(answer, Answer)
+    assert isinstance(answer, NextRequest)
     assert answer.reply.rep == Rep.SUCCEEDED
     assert isinstance(answer.reply.address, AddressId)
     realid = answer.reply.address.realid
