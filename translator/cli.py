@@ -23,20 +23,28 @@ def _endpoint(text: str) -> Endpoint:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _log_level_option(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="log verbosity (default INFO)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="socks64",
         description="SOCKS5 gateway between IPv4-only and IPv6-only hosts (Kitamura extensions).",
     )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        type=str.upper,
-        help="log verbosity (default INFO)",
-    )
+    _log_level_option(parser, "INFO")
+    # Also after the command (`socks64 serve --log-level DEBUG`, as `./run serve ...` passes
+    # it); SUPPRESS keeps the top-level value when it is not given there.
+    after = argparse.ArgumentParser(add_help=False)
+    _log_level_option(after, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gateway")
+    serve = commands.add_parser("serve", help="run the gateway", parents=[after])
     serve.add_argument("--config", help="YAML config file (default: the embedded config)")
     serve.add_argument(
         "--listen",
@@ -45,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="listen here instead of the config's listeners; repeatable; [::1]:1080 for IPv6",
     )
-    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check = commands.add_parser(
+        "check-config", help="validate a config file and exit", parents=[after]
+    )
     check.add_argument("file")
     hashpw = commands.add_parser(
         "hash-password", help="print a users-file line for a password read from stdin"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,6 +69,33 @@ def test_serve_logs_each_endpoint_relays_and_stops_on_sigterm(
         _, rest = process.communicate(timeout=10)
         assert process.returncode == 0
         assert "stopping" in rest and "Traceback" not in rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_log_level_after_the_command_as_the_readme_prints_it(dns_config: Path) -> None:
+    # README: `./run serve --listen 127.0.0.1:0 --log-level DEBUG`
+    command = [*SOCKS64, "serve", "--config", str(dns_config), "--listen", "127.0.0.1:0"]
+    process = subprocess.Popen(
+        [*command, "--log-level", "DEBUG"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        endpoint = None
+        deadline = time.monotonic() + 15
+        while endpoint is None and time.monotonic() < deadline:
+            found = re.search(r"listening on (\S+)", process.stderr.readline())
+            endpoint = found.group(1) if found else None
+        assert endpoint is not None
+        host, _, port = endpoint.rpartition(":")
+        socket.create_connection((host, int(port)), timeout=5).close()  # leaves at once
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=10)
+        assert process.returncode == 0
+        assert re.search(r" DEBUG socks64\.session: .*closed by client during handshake", rest)
     finally:
         if process.poll() is None:
             process.kill()
