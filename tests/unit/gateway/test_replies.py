@@ -37,8 +37,19 @@ def test_gateway_error_carries_its_own_code(rep: Rep) -> None:
 )
 def test_socket_errors_are_sorted_by_errno(code: int, rep: Rep) -> None:
     assert rep_for(OSError(code, "text the mapping must not read")) == rep
-    # the same errno under a subclass (ConnectionRefusedError, ...) maps the same way
-    assert rep_for(OSError(code, "x").__class__(code, "y")) == rep
+
+
+@pytest.mark.parametrize(
+    ("exc", "rep"),
+    [  # the subclasses asyncio and socket calls really raise, sorted by errno all the same
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), Rep.CONNECTION_REFUSED),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), Rep.GENERAL_FAILURE),
+        (PermissionError(errno.EACCES, "denied"), Rep.GENERAL_FAILURE),
+        (BlockingIOError(errno.EHOSTUNREACH, "odd but possible"), Rep.HOST_UNREACHABLE),
+    ],
+)
+def test_named_socket_error_classes_are_sorted_by_errno_too(exc: OSError, rep: Rep) -> None:
+    assert rep_for(exc) == rep
 
 
 def test_a_message_that_looks_like_another_error_is_not_read() -> None:
@@ -50,7 +61,6 @@ def test_a_message_that_looks_like_another_error_is_not_read() -> None:
     [
         (TimeoutError(), Rep.TTL_EXPIRED),  # asyncio.timeout raises the builtin
         (TimeoutError(errno.ETIMEDOUT, "connect timed out"), Rep.TTL_EXPIRED),
-        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), Rep.CONNECTION_REFUSED),
         (OSError("no errno"), Rep.GENERAL_FAILURE),
         (NoInterface("no default route"), Rep.NETWORK_UNREACHABLE),
         (QuotaExceeded(4096, OWNER), Rep.GENERAL_FAILURE),
