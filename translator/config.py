@@ -6,7 +6,10 @@ can point at it. Unknown keys are errors: a typo must not silently fall back to 
 
 from __future__ import annotations
 
+import grp
 import ipaddress
+import math
+import pwd
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +99,8 @@ class Timeouts:
 class Limits:
     max_clients: int = 4096
     max_requests_per_connection: int = 64
+    per_client: int = 2048  # concurrent connections from one client address
+    per_client_handshake: int = 64  # of those, still before their first request
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,13 +114,17 @@ class AddrmapConfig:
 @dataclass(frozen=True, slots=True)
 class UdpConfig:
     idle: float = 300.0
-    max_datagram_rate: int = 20000  # per association, datagrams/s in either direction
+    max_datagram_rate: int = 0  # per association, datagrams/s in either direction; 0: no bound
     max_buffered_bytes: int = 262144  # fragments + datagrams waiting for DNS, per association
     fragment_timeout: float = 5.0
     restrict_to_announced: bool = False
     multicast_interface_v4: str | None = None  # from multicast_interface: NAME or {ipv4:, ipv6:}
     multicast_interface_v6: str | None = None
     multicast_hops: int = 1
+    max_peers_per_client: int = 8192  # peers remembered across one client's associations
+    max_peers_total: int = 131072  # ... and across the whole gateway
+    announce_v4: str | None = None  # BND.ADDR of UDP ASSOCIATE replies (NAT, virtual address)
+    announce_v6: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +136,26 @@ class OutboundConfig:
 class BindConfig:
     address_v4: str | None = None
     address_v6: str | None = None
+    announce_v4: str | None = None  # BND.ADDR written in BIND replies instead of the local one
+    announce_v6: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: Endpoint | None = None  # Prometheus text at http://HOST:PORT/metrics; off when None
+
+
+#: Used when a config has no ``policy`` section: the documented default, loopback clients.
+DEFAULT_POLICY: Mapping[str, Any] = {
+    "default": "deny",
+    "rules": [
+        {
+            "action": "allow",
+            "clients": ["127.0.0.0/8", "::1/128"],
+            "comment": "loopback clients may use every command",
+        }
+    ],
+}
 
 
 @dataclass(frozen=True)
@@ -140,7 +169,11 @@ class Config:
     bind: BindConfig = field(default_factory=BindConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     udp: UdpConfig = field(default_factory=UdpConfig)
-    policy: Policy = field(default_factory=lambda: Policy.from_config({}))
+    policy: Policy = field(default_factory=lambda: Policy.from_config(DEFAULT_POLICY))
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    shutdown_grace: float = 5.0  # SIGTERM: running sessions get this long to finish
+    user: str | None = None  # drop to this user (and group) once everything is open
+    group: str | None = None
     source: str = "<built-in>"
 
 
@@ -166,7 +199,7 @@ def _number(
 ) -> Any:
     """A positive float, or with ``integer`` a whole number of at least ``minimum``."""
     value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise ConfigError(path, f"must be a number, not {value!r}")
     if integer:
         if not isinstance(value, int) or value < minimum:
@@ -204,6 +237,10 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
         "outbound",
         "udp",
         "policy",
+        "metrics",
+        "shutdown_grace",
+        "user",
+        "group",
     )
     check_keys(data, known, "", ConfigError)
 
@@ -273,7 +310,9 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
         capacity=_number(a_raw, "capacity", "addrmap.capacity", 1_000_000, minimum=1, integer=True),
     )
     b_raw = _section(data, "bind", _fields(BindConfig))
-    bind = BindConfig(_bind_address(b_raw, "address_v4", 4), _bind_address(b_raw, "address_v6", 6))
+    bind = BindConfig(
+        *(_address(b_raw, f"{key}_v{v}", v, "bind") for key in _BIND_KEYS for v in (4, 6))
+    )
     o_raw = _section(data, "outbound", _fields(OutboundConfig))
     interface = _optional_str(o_raw, "interface", "outbound.interface")
     if interface is not None and not 0 < len(interface.encode()) < 16:
@@ -281,13 +320,56 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
     outbound = OutboundConfig(interface)
     udp_keys = [k for k in _fields(UdpConfig) if not k.startswith("multicast_interface_")]
     udp = _udp_config(_section(data, "udp", [*udp_keys, "multicast_interface"]))
+    policy_raw = data.get("policy", DEFAULT_POLICY)
     try:
-        policy = Policy.from_config(data.get("policy") or {}, key="policy")
+        policy = Policy.from_config(policy_raw or {}, key="policy")
     except PolicyError as exc:
         raise ConfigError(exc.key, str(exc)) from None
-    return Config(
-        listen, auth, resolver, timeouts, limits, addrmap, bind, outbound, udp, policy, source
+    m_raw = _section(data, "metrics", _fields(MetricsConfig))
+    metrics_listen = m_raw.get("listen")
+    metrics = MetricsConfig(
+        None if metrics_listen is None else parse_endpoint(metrics_listen, "metrics.listen")
     )
+    grace = data.get("shutdown_grace", 5.0)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace < math.inf:
+        raise ConfigError("shutdown_grace", f"must be a number of seconds >= 0, not {grace!r}")
+    user = _account(data, "user", "pw")
+    group = _account(data, "group", "gr")
+    return Config(
+        listen,
+        auth,
+        resolver,
+        timeouts,
+        limits,
+        addrmap,
+        bind,
+        outbound,
+        udp,
+        policy,
+        metrics,
+        float(grace),
+        user,
+        group,
+        source,
+    )
+
+
+def _account(data: Mapping[str, Any], key: str, database: str) -> str | None:
+    """A user or group that exists on this machine, by name or number."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ConfigError(key, f"must be a name or a number, not {value!r}")
+    text = str(value)
+    try:
+        if database == "pw":
+            pwd.getpwuid(int(text)) if text.isdigit() else pwd.getpwnam(text)
+        else:
+            grp.getgrgid(int(text)) if text.isdigit() else grp.getgrnam(text)
+    except (KeyError, ValueError, OverflowError):
+        raise ConfigError(key, f"no {key} {text!r} on this machine") from None
+    return text
 
 
 def _udp_config(raw: Mapping[str, Any]) -> UdpConfig:
@@ -304,6 +386,22 @@ def _udp_config(raw: Mapping[str, Any]) -> UdpConfig:
         "max_datagram_rate",
         "udp.max_datagram_rate",
         default.max_datagram_rate,
+        minimum=0,
+        integer=True,
+    )
+    per_client = _number(
+        raw,
+        "max_peers_per_client",
+        "udp.max_peers_per_client",
+        default.max_peers_per_client,
+        minimum=1,
+        integer=True,
+    )
+    total = _number(
+        raw,
+        "max_peers_total",
+        "udp.max_peers_total",
+        default.max_peers_total,
         minimum=1,
         integer=True,
     )
@@ -327,6 +425,10 @@ def _udp_config(raw: Mapping[str, Any]) -> UdpConfig:
         multicast_interface_v4=interface_v4,
         multicast_interface_v6=interface_v6,
         multicast_hops=hops,
+        max_peers_per_client=per_client,
+        max_peers_total=total,
+        announce_v4=_address(raw, "announce_v4", 4, "udp"),
+        announce_v6=_address(raw, "announce_v6", 6, "udp"),
     )
 
 
@@ -359,16 +461,20 @@ def _check_nameserver(text: str, key: str) -> None:
         raise ConfigError(key, f"{text!r} is not IP, IP:PORT or [IPv6]:PORT") from None
 
 
-def _bind_address(section: Mapping[str, Any], key: str, version: int) -> str | None:
-    value = _optional_str(section, key, f"bind.{key}")
+_BIND_KEYS = ("address", "announce")
+
+
+def _address(section: Mapping[str, Any], key: str, version: int, name: str) -> str | None:
+    path = f"{name}.{key}"
+    value = _optional_str(section, key, path)
     if value is None:
         return None
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
-        raise ConfigError(f"bind.{key}", f"{value!r} is not an IP address") from None
+        raise ConfigError(path, f"{value!r} is not an IP address") from None
     if address.version != version:
-        raise ConfigError(f"bind.{key}", f"{value!r} is not IPv{version}")
+        raise ConfigError(path, f"{value!r} is not IPv{version}")
     return address.compressed
 
 

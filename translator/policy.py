@@ -339,6 +339,10 @@ class Policy:
             return self._default_provisional
         return self._default_decision
 
+    def can_allow_anything(self) -> bool:
+        """False when the policy denies every request whatever it is (check-config warns)."""
+        return self.default == "allow" or any(rule.allow for rule in self._compiled)
+
     def may_allow(
         self, *, client: IPv4Address | IPv6Address, user: str | None, command: Command
     ) -> bool:

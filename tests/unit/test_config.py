@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import socket
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 
 from translator.config import (
+    Config,
     ConfigError,
     Endpoint,
     config_from_mapping,
     load_config,
     parse_endpoint,
 )
+from translator.policy import Command
 
 
 def test_shipped_default_is_loopback_only() -> None:
@@ -94,7 +97,7 @@ def test_errors_name_the_key(data: dict, key: str) -> None:
         (
             {"lsiten": []},
             "lsiten: unknown key (known: listen, auth, resolver, timeouts, limits, addrmap,"
-            " bind, outbound, udp, policy)",
+            " bind, outbound, udp, policy, metrics, shutdown_grace, user, group)",
         ),
         (
             {"resolver": {"foo": 1}},
@@ -136,3 +139,83 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     broken.write_text("listen: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(broken)
+
+
+PROJECT_CONFIG = Path(__file__).resolve().parents[2] / "config"
+
+
+def test_the_shipped_default_config_states_the_built_in_defaults() -> None:
+    """config/socks64.yaml says "the values below are the built-in defaults": keep it so."""
+    shipped = load_config(PROJECT_CONFIG / "socks64.yaml")
+    built_in = Config()
+    for name in Config.__dataclass_fields__:
+        if name in ("policy", "source"):
+            continue
+        assert getattr(shipped, name) == getattr(built_in, name), name
+
+
+def test_an_absent_policy_section_allows_loopback_clients_as_documented() -> None:
+    config = config_from_mapping({"listen": ["127.0.0.1:0"], "limits": {"max_clients": 10}})
+    loopback = config.policy.check(
+        client=ip_address("127.0.0.1"),
+        user=None,
+        command=Command.CONNECT,
+        address=ip_address("127.0.0.1"),
+    )
+    assert loopback.allowed
+    other = config.policy.check(
+        client=ip_address("192.0.2.1"),
+        user=None,
+        command=Command.CONNECT,
+        address=ip_address("127.0.0.1"),
+    )
+    assert not other.allowed
+
+
+def test_an_explicit_empty_policy_denies_and_check_config_would_warn() -> None:
+    config = config_from_mapping({"policy": {}})
+    assert not config.policy.can_allow_anything()
+    assert Config().policy.can_allow_anything()
+
+
+def test_the_edge_router_example_is_valid_and_serves_metrics_on_loopback() -> None:
+    config = load_config(PROJECT_CONFIG / "edge-router.yaml")
+    assert config.metrics.listen is not None
+    assert ip_address(config.metrics.listen.host).is_loopback
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"metrics": {"listen": "localhost:9464"}}, "metrics.listen"),
+        ({"shutdown_grace": -1}, "shutdown_grace"),
+        ({"user": "no-such-user-socks64"}, "user"),
+        ({"group": "no-such-group-socks64"}, "group"),
+        ({"udp": {"announce_v4": "2001:db8::1"}}, "udp.announce_v4"),
+        ({"bind": {"announce_v6": "192.0.2.1"}}, "bind.announce_v6"),
+        ({"limits": {"per_client": 0}}, "limits.per_client"),
+        ({"udp": {"max_peers_total": 0}}, "udp.max_peers_total"),
+    ],
+)
+def test_service_keys_are_validated(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping(data)
+    assert caught.value.key == key
+
+
+def test_service_keys_parse() -> None:
+    config = config_from_mapping(
+        {
+            "metrics": {"listen": "[::1]:9464"},
+            "shutdown_grace": 0,
+            "user": "nobody",
+            "udp": {"announce_v4": "203.0.113.7", "max_datagram_rate": 0},
+            "bind": {"announce_v6": "2001:db8::7"},
+        }
+    )
+    assert str(config.metrics.listen) == "[::1]:9464"
+    assert config.shutdown_grace == 0.0
+    assert config.user == "nobody"
+    assert config.udp.announce_v4 == "203.0.113.7"
+    assert config.bind.announce_v6 == "2001:db8::7"
+    assert config.udp.max_datagram_rate == 0
