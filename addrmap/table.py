@@ -84,6 +84,11 @@ class TableStats:
     capacity_refusals: int
     """Associations refused by the capacity or the ID space."""
 
+    @property
+    def issued(self) -> int:
+        """Entries created since the table was created: each is live or was freed."""
+        return self.live + self.freed
+
 
 class _OwnerState:
     __slots__ = ("by_target", "owner")

@@ -322,6 +322,8 @@ class Resolver:
         self._dns: aiodns.DNSResolver | None = None
         self._closed = False
         self.stats = ResolverStats()
+        #: called with the seconds each DNS query took, answered or not (metrics)
+        self.observe_query: Callable[[float], None] | None = None
 
     async def resolve(self, name: str) -> list[IPAddress]:
         """All addresses of ``name``, IPv6 first. One family failing is not an error.
@@ -440,6 +442,7 @@ class Resolver:
             raise ResolveError(qname, ResolveReason.ERROR, "resolver is closed")
         dns = self._channel()
         self.stats.queries += 1
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self._deadline):
                 result = await dns.query_dns(qname, qtype)
@@ -452,6 +455,9 @@ class Resolver:
                 self._cache.put((qtype, qname), reason, self._negative_ttl)
                 return reason
             raise ResolveError(qname, reason, str(exc.args[-1]) if exc.args else "") from exc
+        finally:
+            if self.observe_query is not None:
+                self.observe_query(time.monotonic() - started)
         value, ttl = _parse_answer(result, qtype)
         if isinstance(value, ResolveReason):
             ttl = self._negative_ttl

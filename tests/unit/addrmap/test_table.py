@@ -513,4 +513,5 @@ def test_stats_snapshot(table: AddressTable, clock: FakeClock) -> None:
         1,
         1,
     )
+    assert stats.issued == 2  # one live, one expired
     assert table.owner_count(BOB) == 0 and table.owner_count(ALICE) == 1
