@@ -1,10 +1,15 @@
 """One UDP association: the client's relay socket (or TCP tunnel), one outbound socket
 per family, fragment reassembly, and the rules for writing sources back to the client.
 
-Hot path: a datagram from the client costs one header decode, one dict hit for the
-policy verdict of its destination, and one sendto; a datagram from a peer costs one dict
-hit for its rendered source and one sendto. Everything else (names, IDs, first contact
-with a peer) takes the slow path once and is cached for the association's life.
+Hot path: a datagram from the client costs one header length, one cache hit for the route
+to its destination, and one sendto; a datagram from a peer costs one cache hit for the
+header its source is framed with and one sendto. Everything else (names, IDs, first
+contact with a peer) takes the slow path once and is cached.
+
+The caches are bounded LRU maps (``peercache``) charged to the client's budget, shared by
+all of its associations under a gateway-wide one (``udp.max_peers_per_client``,
+``udp.max_peers_total``): a flood of datagrams to ever new peers evicts old entries instead
+of growing the gateway, and an evicted peer just takes the slow path again.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import logging
 import socket
 import struct
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from translator import policy as pol
@@ -26,11 +32,13 @@ from translator.wire import (
     RemoteProtocolError,
     UdpDatagram,
     decode_udp_datagram,
+    encode_address_port,
     encode_tunnel_frame,
     udp_header_length,
 )
 
 from .fragments import Reassembler
+from .peercache import PeerBudget, PeerCache
 
 if TYPE_CHECKING:
     from addrmap import AddressTable, Owner
@@ -43,26 +51,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("socks64.udp")
 
-_MAX_PEERS = 4096  # remembered (peer -> how the client named it) per association
-_MAX_NAMES = 256
+_MAX_NAMES = 256  # names resolved, and IDs pinned, per association
 _MAX_UDP_PAYLOAD = 65507
 Endpoint = tuple[IPAddress, int]
+_Route = tuple[asyncio.DatagramTransport, tuple[str, int], int]  # transport, sockaddr, is IPv6
+
+
+class _Not(Enum):
+    CACHED = 0  # a cache miss where None is a value
+
+
+def _route_key(named_as: Address, port: int) -> bytes:
+    """The header of a datagram from the client to ``named_as``: its route's key."""
+    return b"\x00\x00\x00" + encode_address_port(named_as, port)
 
 
 @dataclass(slots=True)
 class UdpStats:
     to_peers: int = 0
     to_client: int = 0
+    # payload bytes and datagrams by the peer's family: index 0 IPv4, 1 IPv6
+    bytes_up: list[int] = field(default_factory=lambda: [0, 0])
+    bytes_down: list[int] = field(default_factory=lambda: [0, 0])
+    datagrams_up: list[int] = field(default_factory=lambda: [0, 0])
     dropped: int = 0
     dropped_policy: int = 0
     dropped_foreign: int = 0
     dropped_malformed: int = 0
     dropped_rate: int = 0
     dropped_unrenderable: int = 0
+    evictions: int = 0  # entries of this association's peer caches evicted to stay bounded
 
 
 class _Bucket:
-    """Token bucket: at most ``rate`` datagrams per second, bursts of one second."""
+    """Token bucket: at most ``rate`` (> 0) datagrams per second, bursts of one second.
+    A rate of 0 is no bound: no bucket at all (``_bucket``), nothing on the hot path."""
 
     __slots__ = ("clock", "last", "rate", "tokens")
 
@@ -80,6 +103,11 @@ class _Bucket:
             self.tokens -= 1.0
             return True
         return False
+
+
+def _bucket(rate: int, clock: Callable[[], float]) -> _Bucket | None:
+    """The bucket for ``udp.max_datagram_rate``; None when it is 0, no bound."""
+    return _Bucket(rate, clock) if rate > 0 else None
 
 
 class _Receiver(asyncio.DatagramProtocol):
@@ -110,6 +138,9 @@ class UdpDeps:
     multicast: MulticastHub
     clock: Callable[[], float]
     drop_log: RateLimitedLog
+    #: the client's budget of remembered peers, shared with its other associations; None:
+    #: one of the association's own, of udp.max_peers_per_client
+    peers: PeerBudget | None = None
 
 
 class UdpAssociation:
@@ -142,16 +173,42 @@ class UdpAssociation:
             timeout=self.config.fragment_timeout,
             max_bytes=self.config.max_buffered_bytes,
         )
-        self._from_client_rate = _Bucket(self.config.max_datagram_rate, deps.clock)
-        self._to_client_rate = _Bucket(self.config.max_datagram_rate, deps.clock)
-        self._verdicts: dict[Endpoint, bool] = {}
-        self._named: dict[Endpoint, Address] = {}  # how the client addressed each peer
-        self._rendered: dict[Endpoint, Address | None] = {}
-        self._names: dict[str, list[IPAddress]] = {}
+        self._clock = deps.clock
+        self._from_client_rate = _bucket(self.config.max_datagram_rate, deps.clock)
+        self._to_client_rate = _bucket(self.config.max_datagram_rate, deps.clock)
+        # Peer caches, bounded by the client's budget (see the module docstring):
+        budget = deps.peers
+        if budget is None:
+            budget = PeerBudget(self.config.max_peers_per_client)
+        budget.attach()
+        self.peers = budget
+        stats = self.stats
+        self._verdicts: PeerCache[Endpoint, bool] = PeerCache(budget, counter=stats)
+        # how the client addressed each peer; a route goes with it (see send_to_peer):
+        self._named: PeerCache[Endpoint, Address] = PeerCache(
+            budget, counter=stats, on_evict=self._forget_route
+        )
+        self._rendered: PeerCache[Endpoint, Address | None] = PeerCache(budget, counter=stats)
+        self._names: PeerCache[str, list[IPAddress]] = PeerCache(
+            budget, capacity=_MAX_NAMES, counter=stats
+        )
         # Fast paths, filled by the slow path once per peer (see the module docstring):
         self._client_addr: tuple[object, ...] | None = None  # the pinned sockaddr, as given
-        self._routes: dict[bytes, tuple[asyncio.DatagramTransport, tuple[str, int]]] = {}
-        self._headers: dict[tuple[object, ...], bytes] = {}  # peer sockaddr -> header
+        # raw header -> (socket, sockaddr):
+        self._routes: PeerCache[bytes, _Route] = PeerCache(budget, counter=stats)
+        # peer sockaddr -> header:
+        self._headers: PeerCache[tuple[object, ...], bytes] = PeerCache(budget, counter=stats)
+        # The fast paths' cache hits are done on the caches' maps, not by calls (peercache):
+        self._route_hits = self._routes.data
+        self._header_hits = self._headers.data
+        self._caches = (
+            self._verdicts,
+            self._named,
+            self._rendered,
+            self._names,
+            self._routes,
+            self._headers,
+        )
         self._id_pins: list[int] = []
         self._pending_bytes = 0
         self.announced: set[Endpoint] = set()
@@ -235,12 +292,21 @@ class UdpAssociation:
         if addr == self._client_addr and len(data) > 4 and data[2] == 0:
             # Fast path: a known client to a destination already checked and resolved.
             size = udp_header_length(data)
-            route = self._routes.get(data[:size])
-            if route is not None and self._from_client_rate.take():
-                route[0].sendto(data[size:], route[1])
-                self.stats.to_peers += 1
-                self.last_activity = self._from_client_rate.last
-                return
+            key = data[:size]
+            routes = self._route_hits
+            route = routes.get(key)
+            if route is not None:
+                bucket = self._from_client_rate
+                if bucket is None or bucket.take():
+                    routes.move_to_end(key)
+                    route[0].sendto(data[size:], route[1])
+                    stats = self.stats
+                    stats.to_peers += 1
+                    v6 = route[2]
+                    stats.datagrams_up[v6] += 1
+                    stats.bytes_up[v6] += len(data) - size
+                    self.last_activity = self._clock() if bucket is None else bucket.last
+                    return
         source = sockaddr_ip(addr)
         port = int(addr[1])  # type: ignore[call-overload]
         if source != self.client_ip or (self.client_port and port != self.client_port):
@@ -260,10 +326,11 @@ class UdpAssociation:
     def client_datagram(self, datagram: UdpDatagram, route_key: bytes | None = None) -> None:
         """A decoded datagram from the client (relay socket or tunnel). ``route_key`` is
         its raw header, under which the route is remembered for the fast path."""
-        if not self._from_client_rate.take():
+        bucket = self._from_client_rate
+        if bucket is not None and not bucket.take():
             self._drop("dropped_rate", "client datagram rate exceeded")
             return
-        self.last_activity = self.deps.clock()
+        self.last_activity = self._clock()
         payload = datagram.data
         if datagram.frag:
             whole = self.reassembler.feed(
@@ -314,25 +381,44 @@ class UdpAssociation:
                 port=port,
             )
             allowed = decision.allowed
-            if len(self._verdicts) < _MAX_PEERS:
-                self._verdicts[key] = allowed
+            self._verdicts.put(key, allowed)
         if not allowed:
             self._drop("dropped_policy", "datagram to %s:%d denied by policy", peer, port)
             return False
-        if key not in self._named and len(self._named) < _MAX_PEERS:
-            self._named[key] = named_as
-            if self._rendered.pop(key, 0) is None:  # it was unnameable until now
-                self._headers.clear()
+        named = self._named.get(key)
+        if (
+            named is None
+            and self._named.put(key, named_as)
+            and self._rendered.pop(key, 0) is None  # it was unnameable until now
+        ):
+            self._headers.clear()
         transport = self.outbound.get(family_of(peer))
         if transport is None:
             self._spawn(self._send_after_open(peer, port, payload))
             return True
         destination = (peer.compressed, port)
         transport.sendto(payload, destination)
-        self.stats.to_peers += 1
-        if route_key is not None and len(self._routes) < _MAX_PEERS:
-            self._routes[route_key] = (transport, destination)
+        self._count_up(peer, len(payload))
+        # A route's hits skip _named. When the peer's replies need it (render_source,
+        # restrict_to_announced), the route is kept only under the naming _named keeps and
+        # only while it keeps it: an evicted naming takes its route along (_forget_route)
+        # and is learnt again from the client's next datagram.
+        if route_key is not None and (
+            not self._replies_need_named(peer)
+            or (
+                (named is None or named == named_as)
+                and route_key.startswith(b"\x00\x00")  # what _route_key(named_as) gives
+            )
+        ):
+            self._routes.put(route_key, (transport, destination, int(peer.version == 6)))
+            if key not in self._named:  # evicted by the route's own entry after all
+                self._routes.pop(route_key, None)
         return True
+
+    def _replies_need_named(self, peer: IPAddress) -> bool:
+        return self.config.restrict_to_announced or (
+            not (self.aa or self.real_family) and family_of(peer) != self.client_family
+        )
 
     async def _send_after_open(self, peer: IPAddress, port: int, payload: bytes) -> None:
         try:
@@ -341,7 +427,14 @@ class UdpAssociation:
             self._drop("dropped", "no outbound socket for %s: %s", peer, exc)
             return
         transport.sendto(payload, (peer.compressed, port))
-        self.stats.to_peers += 1
+        self._count_up(peer, len(payload))
+
+    def _count_up(self, peer: IPAddress, size: int) -> None:
+        stats = self.stats
+        stats.to_peers += 1
+        v6 = int(peer.version == 6)
+        stats.datagrams_up[v6] += 1
+        stats.bytes_up[v6] += size
 
     def _send_to_any(
         self,
@@ -375,8 +468,7 @@ class UdpAssociation:
             finally:
                 self._pending_bytes -= len(payload)
             ordered = self.deps.order(addresses)
-            if len(self._names) < _MAX_NAMES:
-                self._names[name] = ordered
+            self._names.put(name, ordered)
             self._send_to_any(ordered, port, payload, named_as, name)
 
         self._spawn(resolve())
@@ -391,28 +483,44 @@ class UdpAssociation:
         self._id_pins.append(realid)
         return True
 
+    def _forget_route(self, key: Endpoint, named_as: Address) -> None:
+        """``_named`` evicted ``key``: the route under that naming goes too."""
+        self._routes.pop(_route_key(named_as, key[1]), None)
+
     def name_peer(self, peer: IPAddress, port: int, named_as: Address) -> None:
         """Remember how the client named a peer before any datagram (INTERFACE DATA)."""
-        if len(self._named) < _MAX_PEERS:
-            self._named[(peer, port)] = named_as
+        named = self._named.get((peer, port))
+        if named is not None and named != named_as:
+            self._forget_route((peer, port), named)
+        if self._named.put((peer, port), named_as):
             self._rendered.pop((peer, port), None)
             self._headers.clear()  # a rendering may have changed
 
     # -- peers -> client ----------------------------------------------------------------
 
     def from_peer(self, data: bytes, addr: tuple[object, ...]) -> None:
-        header = self._headers.get(addr)
+        headers = self._header_hits
+        header = headers.get(addr)
         if (
             header is not None
             and self.relay is not None
             and self._client_addr is not None
             and len(data) <= _MAX_UDP_PAYLOAD - len(header)
-            and self._to_client_rate.take()
         ):
             # Fast path: a peer whose source rendering is already known.
+            bucket = self._to_client_rate
+            if bucket is None:
+                self.last_activity = self._clock()
+            elif bucket.take():
+                self.last_activity = bucket.last
+            else:
+                self._drop("dropped_rate", "datagram rate to client exceeded")
+                return
+            headers.move_to_end(addr)
             self.relay.sendto(header + data, self._client_addr)
-            self.stats.to_client += 1
-            self.last_activity = self._to_client_rate.last
+            stats = self.stats
+            stats.to_client += 1
+            stats.bytes_down[len(addr) == 4] += len(data)  # a 4-tuple sockaddr is IPv6
             return
         peer = sockaddr_ip(addr)
         port = int(addr[1])  # type: ignore[call-overload]
@@ -424,18 +532,15 @@ class UdpAssociation:
         ):
             self._drop("dropped_foreign", "datagram from unannounced peer %s:%d", peer, port)
             return
-        if key in self._rendered:
-            source = self._rendered[key]
-        else:
+        source = self._rendered.get(key, _Not.CACHED)
+        if source is _Not.CACHED:
             source = self.render_source(peer, port)
-            if len(self._rendered) < _MAX_PEERS:
-                self._rendered[key] = source  # None too: dropped cheaply until named
+            self._rendered.put(key, source)  # None too: dropped cheaply until named
         if source is None:
             self._drop("dropped_unrenderable", "no way to name %s:%d for this client", peer, port)
             return
-        if len(self._headers) < _MAX_PEERS:
-            self._headers[addr] = UdpDatagram(source, port, b"").encode()
-        self.to_client(UdpDatagram(source, port, data))
+        self._headers.put(addr, UdpDatagram(source, port, b"").encode())
+        self.to_client(UdpDatagram(source, port, data), from_v6=peer.version == 6)
 
     def render_source(self, peer: IPAddress, port: int, *, by_id: bool = False) -> Address | None:
         """How the client sees a peer's address (profile 6 and 7)."""
@@ -445,15 +550,16 @@ class UdpAssociation:
             return peer
         return self._named.get((peer, port))
 
-    def to_client(self, datagram: UdpDatagram) -> None:
-        if not self._to_client_rate.take():
+    def to_client(self, datagram: UdpDatagram, *, from_v6: bool = False) -> None:
+        bucket = self._to_client_rate
+        if bucket is not None and not bucket.take():
             self._drop("dropped_rate", "datagram rate to client exceeded")
             return
         packet = datagram.encode()
         if len(packet) > _MAX_UDP_PAYLOAD:
             self._drop("dropped", "datagram too large for the client once framed")
             return
-        self.last_activity = self.deps.clock()
+        self.last_activity = self._clock()
         if self.tunnel is not None:
             if self.tunnel.congested:
                 self._drop("dropped", "tunnel congested")
@@ -465,6 +571,7 @@ class UdpAssociation:
             self._drop("dropped", "client endpoint not known yet")
             return
         self.stats.to_client += 1
+        self.stats.bytes_down[from_v6] += len(datagram.data)
 
     # -- bookkeeping --------------------------------------------------------------------
 
@@ -501,3 +608,6 @@ class UdpAssociation:
         for realid in self._id_pins:
             self.deps.table.unpin(self.deps.owner, realid)
         self._id_pins.clear()
+        for cache in self._caches:
+            cache.close()
+        self.peers.detach()
