@@ -25,7 +25,7 @@ from translator.wire import (
     Request,
 )
 
-from .context import RequestContext, is_unspecified
+from .context import RequestContext, announced, is_unspecified
 from .outcomes import AwaitPeer, Hold
 
 log = logging.getLogger("socks64.bind")
@@ -115,6 +115,7 @@ def _first_reply(
     address = listener.address
     if address.is_unspecified:
         address = ctx.facing_ip  # listening everywhere, so the facing address works
+    address = announced(address, ctx.config.bind.announce_v4, ctx.config.bind.announce_v6)
     target = ctx.target_of(request.address)[0] if request.command.with_aa else None
     return Reply(Rep.SUCCEEDED, ctx.bound(request, address, target=target), listener.port, flag)
 

@@ -20,6 +20,7 @@ from ipaddress import ip_address
 from addrmap import AddressTable, Owner, Target
 from translator import policy as pol
 from translator.config import Config
+from translator.metrics import Metrics
 from translator.net.addresses import IPAddress, family_of, unmapped
 from translator.net.happy_eyeballs import order_addresses
 from translator.net.resolver import Resolver
@@ -27,9 +28,11 @@ from translator.ratelog import RateLimitedLog
 from translator.relay.channel import Channel
 from translator.relay.listeners import MultiRegistry
 from translator.relay.multicast import MulticastHub
+from translator.relay.peercache import PeerBudgets
 from translator.relay.udp import UdpAssociation
 from translator.wire import FLAG_REAL_FAMILY, Address, AddressId, Rep, Request
 
+from .accesslog import TrafficMeter, UdpTotals
 from .replies import GatewayError
 
 #: Connect to the first of these addresses that answers on the port (Happy Eyeballs).
@@ -52,6 +55,10 @@ class Services:
     udp_drop_log: RateLimitedLog
     #: live UDP associations and the client connection each ends with
     udp_associations: dict[UdpAssociation, Channel] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+    udp_totals: UdpTotals = field(default_factory=UdpTotals)
+    traffic: TrafficMeter = field(default_factory=TrafficMeter)
+    peer_budgets: PeerBudgets = field(default_factory=PeerBudgets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,13 @@ def is_unspecified(address: Address) -> bool:
     if isinstance(address, str):
         return False
     return address.is_unspecified
+
+
+def announced(local: IPAddress, announce_v4: str | None, announce_v6: str | None) -> IPAddress:
+    """The address a reply names for a local one: the configured announce address of its
+    family when the gateway is reached through a NAT or a virtual address."""
+    configured = announce_v6 if local.version == 6 else announce_v4
+    return local if configured is None else ip_address(configured)
 
 
 def in_client_family(real: IPAddress, client_facing: IPAddress, *, real_family: bool) -> IPAddress:

@@ -1,23 +1,33 @@
-"""The gateway: listeners, client admission, shared state, and an orderly stop.
+"""The gateway: listeners, client admission, shared state, reload and an orderly stop.
 
 Shared state lives here and is handed to each Session as ``Services`` (context.py): the
 config, the resolver, the address table, the connector, the credentials check, the BIND
-MULTI registry and the multicast hub. Nothing here parses bytes.
+MULTI registry, the multicast hub and the metrics. Nothing here parses bytes.
+
+A reload builds new ``Services`` for the requests that start after it; a running session
+keeps the snapshot it started with, and the shared pieces (address table, UDP
+associations, multicast memberships, BIND MULTI listeners) are the same objects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
+from prometheus_client.metrics_core import Metric
+
 from addrmap import AddressTable
-from translator.auth import Credentials
-from translator.config import Config, Endpoint
+from translator.auth import Credentials, CredentialsError
+from translator.config import Config, ConfigError, Endpoint
+from translator.metrics import Metrics, table_metrics, udp_metrics
+from translator.net.addresses import IPAddress
+from translator.net.exporter import MetricsServer
 from translator.net.happy_eyeballs import connect_happy, connect_socket
 from translator.net.interfaces import Interface, InterfaceAddress
 from translator.net.resolver import Resolver
@@ -27,7 +37,9 @@ from translator.relay.channel import Channel
 from translator.relay.listeners import MultiRegistry
 from translator.relay.multicast import MulticastHub
 
-from .context import Services
+from .admission import Admission
+from .context import Connector, Services
+from .listening import Listeners
 from .session import Session
 
 log = logging.getLogger("socks64.server")
@@ -37,8 +49,6 @@ log = logging.getLogger("socks64.server")
 _CONCURRENT_PASSWORD_CHECKS = 4
 _SWEEP_INTERVAL = 1.0
 _SWEEP_BUDGET = 10_000  # IDs freed per sweep: ~30 ms, so a mass expiry never stalls the loop
-_ACCEPT_BATCH = 64  # connections taken per wake-up, so one listener cannot starve the loop
-_BACKLOG = 1024
 
 
 _IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -62,19 +72,33 @@ def _end_stranded(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def _listening_socket(endpoint: Endpoint) -> socket.socket:
-    sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+def _resolver_for(config: Config, clock: Callable[[], float]) -> Resolver:
+    rc = config.resolver
+    return Resolver(
+        nameservers=rc.nameservers,
+        timeout=rc.timeout,
+        tries=rc.tries,
+        cache_size=rc.cache_size,
+        hosts_file=rc.hosts_file,
+        clock=clock,
+    )
+
+
+def _credentials_for(config: Config) -> Credentials | None:
+    """The users file, read now (at start and on every reload)."""
+    path = config.auth.users_file
+    if path is None:
+        return None
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if endpoint.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((endpoint.host, endpoint.port))
-        sock.listen(_BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+        return Credentials.load(path)
+    except CredentialsError as exc:
+        raise ConfigError("auth.users_file", str(exc)) from None
+    except OSError as exc:
+        raise ConfigError("auth.users_file", f"cannot read {path}: {exc.strerror}") from None
+
+
+#: settings a reload cannot change (logged; they apply after a restart)
+_FIXED_AT_START = ("addrmap", "user", "group")
 
 
 class Gateway:
@@ -90,15 +114,9 @@ class Gateway:
     ) -> None:
         self.config = config
         self.clock = clock
-        rc = config.resolver
-        self.resolver = resolver or Resolver(
-            nameservers=rc.nameservers,
-            timeout=rc.timeout,
-            tries=rc.tries,
-            cache_size=rc.cache_size,
-            hosts_file=rc.hosts_file,
-            clock=clock,
-        )
+        self.metrics = Metrics()
+        self.resolver = resolver or _resolver_for(config, clock)
+        self.resolver.observe_query = self.metrics.dns_seconds.observe
         am = config.addrmap
         self.table = table or AddressTable(
             clock=clock,
@@ -107,9 +125,7 @@ class Gateway:
             per_owner_quota=am.per_owner,
             capacity=am.capacity,
         )
-        self.credentials = (
-            Credentials.load(config.auth.users_file) if config.auth.users_file else None
-        )
+        self.credentials = _credentials_for(config)
         self.multi = MultiRegistry()
         self.interfaces = InterfaceWatcher()
         self.multicast = MulticastHub(
@@ -119,55 +135,207 @@ class Gateway:
                 socket.AF_INET6: config.udp.multicast_interface_v6,
             },
         )
-        outbound = partial(connect_socket, interface=config.outbound.interface)
         self.services = Services(
             config=config,
             table=self.table,
             resolver=self.resolver,
             clock=clock,
-            connect=lambda addresses, port: connect_happy(
-                addresses,
-                port,
-                prefer=rc.prefer_family,
-                delay=rc.happy_eyeballs_delay,
-                timeout=config.timeouts.connect,
-                attempt=outbound,
-            ),
+            connect=self._connector(config),
             verify_password=self.verify_password,
             multi=self.multi,
             multicast=self.multicast,
             udp_drop_log=RateLimitedLog(level=logging.INFO),
+            metrics=self.metrics,
         )
+        self.admission = Admission(config.limits)
+        self.listeners = Listeners(self._admit, self.metrics.accept_pause)
+        self.metrics_server: MetricsServer | None = None
+        self.metrics.add_source(self._table_metrics)
+        self.metrics.add_source(self._udp_metrics)
+        self._listen_override: list[Endpoint] | None = None
         self._unsubscribe: Callable[[], None] | None = None
-        self.endpoints: list[Endpoint] = []
-        self._listeners: list[socket.socket] = []
-        self._sessions: set[asyncio.Task[None]] = set()
+        # each running session and the services it started with (a reload swaps them)
+        self._sessions: dict[asyncio.Task[None], Services] = {}
+        self._retired: list[Resolver] = []  # replaced by a reload, closed once unused
         self._sweeper: asyncio.Task[None] | None = None
         self._auth_slots: asyncio.Semaphore | None = None
-        self._full_log = RateLimitedLog()
+        self._reject_log = RateLimitedLog()
 
     @property
     def active_sessions(self) -> int:
         return len(self._sessions)
 
-    async def start(self, listen: Sequence[Endpoint] | None = None) -> list[Endpoint]:
-        """Open every listener; returns the bound endpoints (real ports for port 0)."""
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return self.listeners.endpoints
+
+    def _connector(self, config: Config) -> Connector:
+        rc = config.resolver
+        attempt = partial(connect_socket, interface=config.outbound.interface)
+        observe = self.metrics.connect_seconds
+
+        async def connect(addresses: Sequence[IPAddress], port: int) -> socket.socket:
+            started = time.monotonic()
+            sock = await connect_happy(
+                addresses,
+                port,
+                prefer=rc.prefer_family,
+                delay=rc.happy_eyeballs_delay,
+                timeout=config.timeouts.connect,
+                attempt=attempt,
+            )
+            family = "ipv6" if sock.family == socket.AF_INET6 else "ipv4"
+            observe.labels(family).observe(time.monotonic() - started)
+            return sock
+
+        return connect
+
+    async def start(
+        self,
+        listen: Sequence[Endpoint] | None = None,
+        *,
+        adopted: Iterable[socket.socket] = (),
+    ) -> list[Endpoint]:
+        """Open every listener (and the metrics endpoint); returns the bound endpoints
+        (real ports for port 0). ``adopted``: listening sockets from systemd."""
         self._auth_slots = asyncio.Semaphore(_CONCURRENT_PASSWORD_CHECKS)
+        self._listen_override = list(listen) if listen else None
         try:
             await self.interfaces.start()
             self._unsubscribe = self.interfaces.subscribe(self._on_interface_event)
-            loop = asyncio.get_running_loop()
-            for endpoint in listen or self.config.listen:
-                sock = _listening_socket(endpoint)
-                self._listeners.append(sock)
-                loop.add_reader(sock.fileno(), self._accept, sock)
-                host, port = sock.getsockname()[:2]
-                self.endpoints.append(Endpoint(str(host), int(port)))
+            self.listeners.adopt(adopted)
+            self.listeners.open(self._listen_override or self.config.listen)
+            self.metrics_server = await self._metrics_server(self.config)
         except BaseException:
             await self.close()
             raise
+        self.metrics.set_listeners(str(e) for e in self.endpoints)
         self._sweeper = asyncio.create_task(self._sweep_table())
-        return list(self.endpoints)
+        return self.endpoints
+
+    async def _metrics_server(self, config: Config) -> MetricsServer | None:
+        endpoint = config.metrics.listen
+        if endpoint is None:
+            return None
+        server = MetricsServer(self.metrics, endpoint.host, endpoint.port)
+        await server.start()
+        return server
+
+    # -- reload ---------------------------------------------------------------------------
+
+    async def reload(self, load: Callable[[], Config]) -> bool:
+        """Read, validate and apply a new config; on any error keep the old one.
+
+        Returns whether the new config is in force; the result is logged and counted.
+        """
+        try:
+            await self._apply(load())
+        except (ConfigError, OSError) as exc:
+            where = f" ({exc.key})" if isinstance(exc, ConfigError) and exc.key else ""
+            log.error("reload failed%s, keeping the running config: %s", where, exc)
+            self.metrics.config_reload(False)
+            return False
+        self.metrics.config_reload(True)
+        return True
+
+    async def _apply(self, config: Config) -> None:
+        old = self.config
+        credentials = _credentials_for(config)
+        resolver = self.resolver
+        if config.resolver != old.resolver:
+            resolver = _resolver_for(config, self.clock)
+            resolver.observe_query = self.metrics.dns_seconds.observe
+        metrics_server = self.metrics_server
+        try:
+            if config.metrics.listen != old.metrics.listen:
+                metrics_server = await self._metrics_server(config)
+            added, removed = self.listeners.open(self._listen_override or config.listen)
+        except BaseException:
+            if resolver is not self.resolver:
+                await resolver.close()
+            if metrics_server is not self.metrics_server and metrics_server is not None:
+                await metrics_server.close()
+            raise
+        # Everything that can fail has been done: commit.
+        if metrics_server is not self.metrics_server:
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
+            self.metrics_server = metrics_server
+        if resolver is not self.resolver:
+            self._retired.append(self.resolver)
+            self.resolver = resolver
+        self.config = config
+        self.credentials = credentials
+        self.admission.limits = config.limits
+        self.services = dataclasses.replace(
+            self.services, config=config, resolver=resolver, connect=self._connector(config)
+        )
+        self.metrics.set_listeners(str(e) for e in self.endpoints)
+        for section in _FIXED_AT_START:
+            if getattr(config, section) != getattr(old, section):
+                log.warning("reload: %s changes apply after a restart", section)
+        log.info(
+            "reloaded %s: %d listener(s) added%s, %d removed%s; %d policy rules",
+            config.source,
+            len(added),
+            "".join(f" {e}" for e in added),
+            len(removed),
+            "".join(f" {e}" for e in removed),
+            len(config.policy.rules),
+        )
+        await self._close_retired()
+
+    async def _close_retired(self) -> None:
+        """Close replaced resolvers once no running session uses them."""
+        in_use = {id(services.resolver) for services in self._sessions.values()}
+        for resolver in [r for r in self._retired if id(r) not in in_use]:
+            self._retired.remove(resolver)
+            await resolver.close()
+
+    # -- clients --------------------------------------------------------------------------
+
+    def _admit(self, sock: socket.socket, peer: tuple[object, ...], endpoint: Endpoint) -> None:
+        """A new connection: a slot for it, or closed at once (gateway full, or its
+        address already holds its share)."""
+        client = str(peer[0])
+        refused = self.admission.admit(client)
+        if refused is not None:
+            sock.close()
+            self.metrics.connection_rejected(refused)
+            self._reject_log(log, "closing a connection from %s: %s limit reached", client, refused)
+            return
+        self.metrics.connection_accepted(str(endpoint))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        services = self.services
+        task = asyncio.ensure_future(
+            self._serve(services, Channel(sock, asyncio.get_running_loop()), client)
+        )
+        self._sessions[task] = services
+        task.add_done_callback(self._session_done)
+
+    def _session_done(self, task: asyncio.Task[None]) -> None:
+        services = self._sessions.pop(task, None)
+        if self._retired and services is not None and services.resolver is not self.resolver:
+            task.get_loop().create_task(self._close_retired())
+
+    async def _serve(self, services: Services, channel: Channel, client: str) -> None:
+        handshaking = True
+
+        def first_request() -> None:
+            nonlocal handshaking
+            handshaking = False
+            self.admission.handshake_done(client)
+
+        try:
+            try:
+                session = Session(services, channel, first_request)
+            except OSError as exc:  # reset while still in the backlog: nobody to serve
+                log.debug("connection from %s gone before it was served: %s", client, exc)
+                return
+            await session.run()
+        finally:
+            channel.close()
+            self.admission.release(client, handshaking=handshaking)
 
     def _on_interface_event(self, event: str, subject: Interface | InterfaceAddress) -> None:
         """Interfaces change under a running gateway: act on what it affects."""
@@ -201,51 +369,53 @@ class Gateway:
         async with self._auth_slots:
             return await self.credentials.verify_async(user, password)
 
-    def _accept(self, listener: socket.socket) -> None:
-        """Readable listener: take every pending connection (no task per accept)."""
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, peer = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: keep serving who we have
-                self._full_log(log, "accept failed: %s", exc)
-                return
-            if len(self._sessions) >= self.config.limits.max_clients:
-                self._full_log(
-                    log,
-                    "client limit of %d reached; closing connection from %s",
-                    self.config.limits.max_clients,
-                    peer,
-                )
-                sock.close()
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.ensure_future(self._serve(Channel(sock, asyncio.get_running_loop())))
-            self._sessions.add(task)
-            task.add_done_callback(self._sessions.discard)
-
-    async def _serve(self, channel: Channel) -> None:
-        try:
-            await Session(self.services, channel).run()
-        finally:
-            channel.close()
-
     async def _sweep_table(self) -> None:
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
+            self.services.traffic.flush(self.metrics)  # long transfers show as they go
             freed = self.table.expire(budget=_SWEEP_BUDGET)
             if freed:
                 log.debug("address table: %d idle IDs expired", freed)
 
+    # -- metrics read at scrape time ------------------------------------------------------
+
+    def _table_metrics(self) -> list[Metric]:
+        stats = self.table.stats
+        return table_metrics(
+            live=stats.live,
+            pinned=stats.pinned,
+            quarantined=stats.quarantined,
+            issued=stats.issued,
+            freed=stats.freed,
+            quota_refusals=stats.quota_refusals,
+            capacity_refusals=stats.capacity_refusals,
+        )
+
+    def _udp_metrics(self) -> list[Metric]:
+        live = self.services.udp_associations
+        totals = self.services.udp_totals.plus([a.stats for a in live])
+        return udp_metrics(
+            active=len(live),
+            datagrams_up=totals.up,
+            datagrams_down=totals.down,
+            dropped=totals.dropped,
+            evictions=totals.evictions,
+        )
+
+    # -- stopping -------------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting; give running sessions ``grace`` seconds to finish on their own."""
+        self.listeners.close()
+        self.metrics.set_listeners(())
+        tasks = list(self._sessions)
+        if tasks and grace > 0:
+            log.info("stopped accepting; %d session(s) have %g s to finish", len(tasks), grace)
+            await asyncio.wait(tasks, timeout=grace)
+
     async def close(self) -> None:
         """Stop listening, end every session, and release everything held."""
-        loop = asyncio.get_running_loop()
-        for listener in self._listeners:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(listener.fileno())
-            listener.close()
-        self._listeners.clear()
+        self.listeners.close()
         tasks = list(self._sessions)
         if self._sweeper is not None:
             tasks.append(self._sweeper)
@@ -257,8 +427,13 @@ class Gateway:
         self.multicast.close()
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+            self.metrics_server = None
         await self.interfaces.close()
-        await self.resolver.close()
+        for resolver in [*self._retired, self.resolver]:
+            await resolver.close()
+        self._retired.clear()
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -266,3 +441,4 @@ class Gateway:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+

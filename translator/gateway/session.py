@@ -18,9 +18,10 @@ from collections.abc import Callable
 from translator.net.addresses import IPAddress, sockaddr_ip
 from translator.relay.channel import Channel, ChannelClosed
 from translator.relay.listeners import BindListener
-from translator.relay.tcp import relay
+from translator.relay.tcp import RelayStats, relay
 from translator.relay.udp import UdpAssociation
 from translator.wire import (
+    AddressId,
     Command,
     ControlRequest,
     Event,
@@ -41,12 +42,14 @@ from translator.wire import (
     UserPassRequest,
 )
 
+from . import accesslog
+from .accesslog import SessionRecord, family_name
 from .associate import address_associate
 from .bind import serve_bind
 from .connect import serve_connect
 from .context import RequestContext, Services
 from .outcomes import AnyReply, Associate, AwaitPeer, Hold, NextRequest, Outcome, Relay
-from .replies import REFUSALS, GatewayError, describe, rep_for
+from .replies import REFUSALS, describe, rep_for
 from .socks4 import serve_socks4
 from .udp import control, serve_udp
 
@@ -64,7 +67,12 @@ class ClientGone(Exception):
 class Session:
     """Serves one accepted client connection from greeting to close."""
 
-    def __init__(self, services: Services, channel: Channel) -> None:
+    def __init__(
+        self,
+        services: Services,
+        channel: Channel,
+        on_first_request: Callable[[], None] | None = None,
+    ) -> None:
         self.services = services
         self.config = services.config
         self.channel = channel
@@ -77,6 +85,10 @@ class Session:
         )
         self.conn = ServerConnection()
         self._doing: object = "handshake"  # for the log when the client leaves
+        self._on_first_request = on_first_request
+        self.record = SessionRecord(
+            self.ctx.label, family_name(self.ctx.client_ip.version), services.metrics
+        )
 
     @property
     def label(self) -> str:
@@ -144,11 +156,13 @@ class Session:
             deadline = loop.time() + self.config.timeouts.handshake
             event = await self._next_event(deadline)
             if isinstance(event, Socks6Attempt):
+                self.record.end = accesslog.PROTOCOL_ERROR
+                self.record.reason = "SOCKS 6 is not implemented yet; sent version mismatch"
                 await self._send(self.conn.send_socks6_mismatch())
-                log.info("%s: SOCKS 6 is not implemented yet; sent version mismatch", self.label)
                 return
             if isinstance(event, Socks4Request):
                 self._doing = event.command
+                self._first_request(f"SOCKS4_{event.command.name}")
                 await self._serve_socks4(event)
                 return
             assert isinstance(event, Greeting)
@@ -159,14 +173,30 @@ class Session:
             doing = getattr(self._doing, "name", self._doing)  # a command, or "handshake"
             log.debug("%s: %s during %s", self.label, exc, doing)
         except TimeoutError:
-            log.info("%s: handshake timed out", self.label)
+            self.record.end = accesslog.TIMEOUT
+            self.record.reason = "handshake timed out"
         except RemoteProtocolError as exc:
+            self.record.end = accesslog.PROTOCOL_ERROR
+            self.record.rep = exc.rep or Rep.GENERAL_FAILURE
+            self.record.reason = f"protocol error: {exc.reason}"
             await self._fail_quietly(exc.rep or Rep.GENERAL_FAILURE)
-            log.info("%s: protocol error: %s", self.label, exc.reason)
+        except asyncio.CancelledError:
+            self.record.end = accesslog.STOPPED
+            raise
         except Exception:  # a bug must cost one client, never the gateway
+            self.record.end = accesslog.ERROR
             log.exception("%s: internal error", self.label)
         finally:
             self.ctx.unpin_all()
+            self.record.user = self.ctx.user
+            self.record.finish()
+
+    def _first_request(self, command: str) -> None:
+        """The handshake is over: the admission stops counting this one as handshaking."""
+        if self._on_first_request is not None:
+            self._on_first_request()
+            self._on_first_request = None
+        self.record.doing(command)
 
     async def _fail_quietly(self, rep: Rep) -> None:
         with contextlib.suppress(ClientGone, TimeoutError):
@@ -183,8 +213,11 @@ class Session:
             Method.NO_ACCEPTABLE,
         )
         await self._send(self.conn.send_method(chosen))
+        metrics = self.services.metrics
         if chosen == Method.NO_ACCEPTABLE:
-            log.info("%s: no acceptable method among %s", self.label, sorted(offered))
+            metrics.auth.labels("none", "no_acceptable").inc()
+            self.record.end = accesslog.REFUSED
+            self.record.reason = f"no acceptable method among {sorted(offered)}"
             return False
         if chosen == Method.USERNAME_PASSWORD:
             event = await self._next_event(deadline)
@@ -192,11 +225,15 @@ class Session:
             user = event.username.decode("utf-8", "replace")
             password = event.password.decode("utf-8", "replace")
             ok = await self.services.verify_password(user, password)
+            metrics.auth.labels("username", "ok" if ok else "failed").inc()
             await self._send(self.conn.send_auth_result(ok))
             if not ok:
-                log.info("%s: authentication failed for user %r", self.label, user)
+                self.record.end = accesslog.REFUSED
+                self.record.reason = f"authentication failed for user {user!r}"
                 return False
             self.ctx.user = user
+        else:
+            metrics.auth.labels("none", "ok").inc()
         return True
 
     async def _serve_requests(self, deadline: float) -> None:
@@ -206,33 +243,40 @@ class Session:
             request = await self._next_event(deadline)
             assert isinstance(request, Request)
             self._doing = request.command
+            command = request.command.name
+            self._first_request(command)
+            self.record.requested = _show(request)
             try:
                 outcome = await _handle(self.ctx, request)
+                self.services.metrics.request(command, _atyp(request.address), 0)
                 if isinstance(outcome, NextRequest):
                     await self._reply(outcome.reply, Phase.REQUEST)
                     # The control channel stays open (profile 5): next request within idle.
                     deadline = loop.time() + self.config.timeouts.idle
+                    self.record.end = accesslog.OK
                     continue
                 await self._carry_out(outcome)
             except REFUSALS as exc:
-                await self._refuse(f"{request.command.name} {_show(request)}", exc)
+                rep = rep_for(exc)
+                self.services.metrics.request(command, _atyp(request.address), rep)
+                self.record.refused(rep, describe(exc))
+                await self._fail_quietly(rep)
             return
-        reason = f"more than {limit} requests on one connection"
-        await self._refuse("", GatewayError(Rep.GENERAL_FAILURE, reason))
+        self.record.refused(Rep.GENERAL_FAILURE, f"more than {limit} requests on one connection")
+        await self._fail_quietly(Rep.GENERAL_FAILURE)
 
     async def _serve_socks4(self, request: Socks4Request) -> None:
+        command = f"SOCKS4_{request.command.name}"
+        atyp = _atyp(request.address)
+        self.record.requested = f"{request.address}:{request.port}"
         try:
-            await self._carry_out(await serve_socks4(self.ctx, request))
+            outcome = await serve_socks4(self.ctx, request)
+            self.services.metrics.request(command, atyp, 0)
+            await self._carry_out(outcome)
         except REFUSALS as exc:
-            what = f"SOCKS4 {request.command.name} {request.address}:{request.port}"
-            log.info("%s: %s: %s -> rejected", self.label, what, describe(exc))
+            self.services.metrics.request(command, atyp, rep_for(exc))
+            self.record.refused(Rep.GENERAL_FAILURE, describe(exc))  # CD 91 on the wire
             await self._fail_quietly(Rep.GENERAL_FAILURE)  # CD 91: SOCKS 4 has no other
-
-    async def _refuse(self, what: str, exc: BaseException) -> None:
-        rep = rep_for(exc)
-        prefix = f"{what}: " if what else ""
-        log.info("%s: %s%s -> REP %d %s", self.label, prefix, describe(exc), rep, rep.name)
-        await self._fail_quietly(rep)
 
     # -- outcomes -------------------------------------------------------------------------
 
@@ -258,13 +302,31 @@ class Session:
             peer.close()
             raise
         trailing = self.conn.take_trailing_data()  # the client pipelined payload
-        stats = await relay(
-            self.channel.detach(),
-            peer,
-            idle_timeout=self.config.timeouts.idle,
-            clock=self.services.clock,
-            to_peer=trailing,
+        record = self.record
+        with contextlib.suppress(OSError):
+            reached = sockaddr_ip(peer.getpeername())
+            record.reached = _show_endpoint(reached, int(peer.getpeername()[1]))
+            record.destination_family = family_name(reached.version)
+        record.end = accesslog.OK  # the reply went out: from here the session did its job
+        stats = RelayStats()
+        traffic, metrics = self.services.traffic, self.services.metrics
+        flow = traffic.begin_tcp(
+            stats, record.client_family, record.destination_family or "ipv4", metrics
         )
+        try:
+            await relay(
+                self.channel.detach(),
+                peer,
+                idle_timeout=self.config.timeouts.idle,
+                clock=self.services.clock,
+                to_peer=trailing,
+                stats=stats,
+            )
+        finally:  # also when the gateway stops and cancels us: the bytes moved count
+            traffic.end(flow, metrics)
+            record.up, record.down = stats.to_peer, stats.to_client
+            if stats.idle_timeout:
+                record.end = accesslog.IDLE
         if log.isEnabledFor(logging.DEBUG):  # once per session: skip building the arguments
             log.debug(
                 "%s: %s %s:%d done, %d bytes up, %d down%s",
@@ -332,14 +394,22 @@ class Session:
         if outcome.then is Phase.TUNNEL:
             association.tunnel = self.channel  # its datagrams are written on our connection
         self.services.udp_associations[association] = self.channel
+        record = self.record
+        record.unit = "datagrams"
+        traffic, metrics = self.services.traffic, self.services.metrics
+        flow = traffic.begin_udp(association.stats, record.client_family)
         try:
             await self._reply(outcome.reply, outcome.then)
+            record.end = accesslog.OK
             log.debug("%s: UDP association on port %d", self.label, outcome.reply.port)
             await self._serve_association(association)
         finally:
             self.services.udp_associations.pop(association, None)
             association.close()
             stats = association.stats
+            self.services.udp_totals.add(stats)
+            traffic.end(flow, metrics)
+            record.up, record.down = stats.to_peers, stats.to_client
             log.debug(
                 "%s: UDP association ended: %d to peers, %d to client, %d dropped",
                 self.label,
@@ -372,7 +442,8 @@ class Session:
             assert event is Signal.NEED_DATA
             remaining = association.last_activity + idle - self.services.clock()
             if remaining <= 0:
-                log.info("%s: UDP association idle for %g s; closing", self.label, idle)
+                self.record.end = accesslog.IDLE
+                self.record.reason = f"UDP association idle for {idle:g} s"
                 return
             try:
                 async with asyncio.timeout(remaining):
@@ -384,10 +455,14 @@ class Session:
             conn.receive_data(data)
 
     async def _control(self, association: UdpAssociation, request: ControlRequest) -> Reply:
+        metrics = self.services.metrics
         try:
-            return await control(self.ctx, association, request)
+            reply = await control(self.ctx, association, request)
+            metrics.request(request.sub.name, _atyp(request.address), 0)
+            return reply
         except REFUSALS as exc:
             rep = rep_for(exc)
+            metrics.request(request.sub.name, _atyp(request.address), rep)
             what = f"{request.sub.name} {request.address}:{request.port}"
             log.info("%s: %s: %s -> REP %d %s", self.label, what, describe(exc), rep, rep.name)
             return Reply(rep)
@@ -416,3 +491,16 @@ def _show(request: Request) -> str:
     address = request.address
     text = f"[{address}]" if ":" in str(address) else str(address)
     return f"{text}:{request.port}"
+
+
+def _show_endpoint(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def _atyp(address: object) -> str:
+    """The address type label of the request metrics."""
+    if isinstance(address, AddressId):
+        return "id"
+    if isinstance(address, str):
+        return "domain"
+    return "ipv6" if getattr(address, "version", 4) == 6 else "ipv4"

@@ -29,20 +29,26 @@ from translator.wire import (
     UdpDatagram,
 )
 
-from .context import RequestContext
+from .context import RequestContext, announced
 from .outcomes import Associate
 from .replies import GatewayError
 
 
 def association_deps(ctx: RequestContext) -> UdpDeps:
+    """What a new association gets; its peer caches are charged to its client's budget
+    (``udp.max_peers_per_client``, under ``udp.max_peers_total``), the limits of the
+    config it starts with."""
     services = ctx.services
+    settings = ctx.config.udp
+    budgets = services.peer_budgets
+    budgets.configure(settings.max_peers_per_client, settings.max_peers_total)
     return UdpDeps(
         owner=ctx.owner,
         user=ctx.user,
         client_ip=ctx.client_ip,
         facing_ip=ctx.facing_ip,
         label=ctx.label,
-        settings=ctx.config.udp,
+        settings=settings,
         policy=ctx.config.policy,
         table=services.table,
         resolver=services.resolver,
@@ -50,6 +56,7 @@ def association_deps(ctx: RequestContext) -> UdpDeps:
         multicast=services.multicast,
         clock=services.clock,
         drop_log=services.udp_drop_log,
+        peers=budgets.budget(ctx.client_ip.compressed),
     )
 
 
@@ -73,6 +80,8 @@ async def serve_udp(ctx: RequestContext, request: Request) -> Associate:
             port = 0
         else:
             bound, port = await association.open_relay()
+            udp = ctx.config.udp
+            bound = announced(bound, udp.announce_v4, udp.announce_v6)
         if request.command.with_aa:
             bound = UNSPECIFIED_ID
     except BaseException:
@@ -121,7 +130,7 @@ async def _join(ctx: RequestContext, association: UdpAssociation, request: Contr
 
         def deliver(data: bytes, source: IPAddress, port: int) -> None:
             rendered = association.render_source(source, port, by_id=by_id) or source
-            association.to_client(UdpDatagram(rendered, port, data))
+            association.to_client(UdpDatagram(rendered, port, data), from_v6=source.version == 6)
 
         association.memberships[key] = await ctx.services.multicast.join(
             group, request.port, deliver

@@ -90,6 +90,7 @@ class SocketRelay:
         idle_timeout: float,
         clock: Callable[[], float] = time.monotonic,
         splice: bool | None = None,
+        stats: RelayStats | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         client.setblocking(False)
@@ -99,7 +100,7 @@ class SocketRelay:
         self.idle_timeout = idle_timeout
         self.clock = clock
         self.splice = splice_enabled() if splice is None else splice
-        self.stats = RelayStats()
+        self.stats = RelayStats() if stats is None else stats  # counted as bytes move
         self.done: asyncio.Future[RelayStats] = self.loop.create_future()
         self._last = clock()
         self._closed = False
@@ -303,10 +304,12 @@ async def relay(
     idle_timeout: float,
     clock: Callable[[], float] = time.monotonic,
     to_peer: bytes = b"",
+    stats: RelayStats | None = None,
 ) -> RelayStats:
     """Relay until both directions ended, one side failed, or the idle timeout hit.
-    Both sockets are closed when it returns, also when the caller is cancelled."""
-    runner = SocketRelay(client, peer, idle_timeout=idle_timeout, clock=clock)
+    Both sockets are closed when it returns, also when the caller is cancelled; ``stats``,
+    when given, is counted into as the bytes move (so a cancelled caller still has them)."""
+    runner = SocketRelay(client, peer, idle_timeout=idle_timeout, clock=clock, stats=stats)
     try:
         # If our caller is cancelled the future is too; close() below copes with that.
         return await runner.start(to_peer=to_peer)

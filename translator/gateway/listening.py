@@ -1,0 +1,160 @@
+"""The gateway's listening sockets: opened, adopted from systemd, changed on reload, and
+accepted from without spinning when descriptors run out.
+
+Kept listeners are never closed on reload (their backlog and running sessions are
+untouched), new ones are bound before anything is committed, removed ones are closed.
+When ``accept`` fails for lack of descriptors or memory, accepting pauses for a moment on
+every listener and resumes by itself: a readable listener that cannot be drained would
+otherwise wake the loop on every turn (one core at 100 %).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Callable, Iterable
+
+from translator.config import Endpoint
+from translator.ratelog import RateLimitedLog
+
+log = logging.getLogger("socks64.server")
+
+_BACKLOG = 1024
+_ACCEPT_BATCH = 64  # connections taken per wake-up, so one listener cannot starve the loop
+PAUSE = 0.1  # seconds accepting rests after running out of descriptors
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+#: called with each accepted connection, its peer address and the listener's endpoint
+OnAccept = Callable[[socket.socket, tuple[object, ...], Endpoint], None]
+
+
+def listening_socket(endpoint: Endpoint) -> socket.socket:
+    sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if endpoint.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {endpoint}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def endpoint_of(sock: socket.socket) -> Endpoint:
+    host, port = sock.getsockname()[:2]
+    return Endpoint(str(host), int(port))
+
+
+class Listeners:
+    """Every listening socket, by the endpoint it was asked for."""
+
+    def __init__(
+        self, on_accept: OnAccept, on_pause: Callable[[str], None] = lambda reason: None
+    ) -> None:
+        self._on_accept = on_accept
+        self._on_pause = on_pause
+        self._by_request: dict[Endpoint, socket.socket] = {}
+        self._adopted: list[socket.socket] = []  # from systemd: kept as long as we run
+        self._paused: asyncio.TimerHandle | None = None
+        self._pause_log = RateLimitedLog()
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """The bound endpoints (real ports for port 0), adopted ones first."""
+        return [endpoint_of(s) for s in [*self._adopted, *self._by_request.values()]]
+
+    def adopt(self, sockets: Iterable[socket.socket]) -> None:
+        """Serve sockets handed over by systemd (socket activation)."""
+        for sock in sockets:
+            sock.setblocking(False)
+            self._adopted.append(sock)
+            self._watch(sock)
+
+    def open(self, wanted: Iterable[Endpoint]) -> tuple[list[Endpoint], list[Endpoint]]:
+        """Make the listeners exactly ``wanted`` (plus adopted ones); returns (added,
+        removed). Binds every new one first: when one fails, nothing has changed."""
+        wanted = [e for e in dict.fromkeys(wanted) if not self._is_adopted(e)]
+        new: dict[Endpoint, socket.socket] = {}
+        try:
+            for endpoint in wanted:
+                if endpoint not in self._by_request:
+                    new[endpoint] = listening_socket(endpoint)
+        except BaseException:
+            for sock in new.values():
+                sock.close()
+            raise
+        removed = [e for e in self._by_request if e not in wanted]
+        for endpoint in removed:
+            self._close(self._by_request.pop(endpoint))
+        for endpoint, sock in new.items():
+            self._by_request[endpoint] = sock
+            self._watch(sock)
+        return list(new), removed
+
+    def close(self) -> None:
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        for sock in [*self._adopted, *self._by_request.values()]:
+            self._close(sock)
+        self._adopted.clear()
+        self._by_request.clear()
+
+    def _is_adopted(self, endpoint: Endpoint) -> bool:
+        return any(endpoint_of(s) == endpoint for s in self._adopted)
+
+    def _all(self) -> list[socket.socket]:
+        return [*self._adopted, *self._by_request.values()]
+
+    def _watch(self, sock: socket.socket) -> None:
+        if self._paused is None:  # a paused gateway starts watching when it resumes
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+        sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Readable listener: take every pending connection (no task per accept)."""
+        endpoint: Endpoint | None = None
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _EXHAUSTED:
+                    self._pause(exc)
+                else:  # ECONNABORTED and friends: that one connection is gone
+                    log.debug("accept failed: %s", exc)
+                return
+            if endpoint is None:
+                endpoint = endpoint_of(listener)
+            self._on_accept(sock, peer, endpoint)
+
+    def _pause(self, exc: OSError) -> None:
+        reason = errno.errorcode.get(exc.errno or 0, "EMFILE")
+        self._on_pause(reason)
+        self._pause_log(
+            log, "cannot accept (%s): pausing accepts for %g s; serving who we have", exc, PAUSE
+        )
+        loop = asyncio.get_running_loop()
+        for sock in self._all():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(sock.fileno())
+        self._paused = loop.call_later(PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        for sock in self._all():
+            self._watch(sock)
