@@ -6,12 +6,16 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from functools import partial
 from typing import Any
 
 from .config import Config, ConfigError, Endpoint, load_config, parse_endpoint
+from .service.logformat import configure_logging
+
+DEFAULT_PID_FILE = "/run/socks64.pid"
+DEFAULT_METRICS_URL = "http://127.0.0.1:9464/metrics"
 
 log = logging.getLogger("socks64")
 
@@ -23,13 +27,20 @@ def _endpoint(text: str) -> Endpoint:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _log_level_option(parser: argparse.ArgumentParser, default: str) -> None:
+def _logging_options(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--log-level",
-        default=default,
+        default="INFO" if default is None else default,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
         help="log verbosity (default INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text" if default is None else default,
+        choices=["text", "json"],
+        type=str.lower,
+        help="text lines, or one JSON object per line (default text)",
     )
 
 
@@ -38,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="socks64",
         description="SOCKS5 gateway between IPv4-only and IPv6-only hosts (Kitamura extensions).",
     )
-    _log_level_option(parser, "INFO")
+    _logging_options(parser, None)
     # Also after the command (`socks64 serve --log-level DEBUG`, as `./run serve ...` passes
     # it); SUPPRESS keeps the top-level value when it is not given there.
     after = argparse.ArgumentParser(add_help=False)
-    _log_level_option(after, argparse.SUPPRESS)
+    _logging_options(after, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway", parents=[after])
     serve.add_argument("--config", help="YAML config file (default: the embedded config)")
@@ -53,10 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="listen here instead of the config's listeners; repeatable; [::1]:1080 for IPv6",
     )
+    serve.add_argument("--pid-file", help="write the process id here (for socks64 reload)")
     check = commands.add_parser(
         "check-config", help="validate a config file and exit", parents=[after]
     )
     check.add_argument("file")
+    reload = commands.add_parser(
+        "reload", help="make a running gateway re-read its config (SIGHUP)", parents=[after]
+    )
+    reload.add_argument("--pid-file", default=DEFAULT_PID_FILE, help=f"default {DEFAULT_PID_FILE}")
+    status = commands.add_parser(
+        "status", help="a short view of a running gateway, from its metrics", parents=[after]
+    )
+    status.add_argument("--metrics", default=DEFAULT_METRICS_URL, metavar="URL")
     hashpw = commands.add_parser(
         "hash-password", help="print a users-file line for a password read from stdin"
     )
@@ -68,13 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     if args.command == "check-config":
         return _check_config(args.file)
+    if args.command == "reload":
+        from .service.runner import send_reload
+
+        return send_reload(args.pid_file)
+    if args.command == "status":
+        from .service.status import main as status_main
+
+        return status_main(["--metrics", args.metrics])
     if args.command == "hash-password":
         from .auth import main_hash_password
 
@@ -83,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from netnslab.cli import main as lab_main
 
         return int(lab_main(args.args))
-    return _serve(args.config, args.listen)
+    return _serve(args.config, args.listen, args.pid_file)
 
 
 def _check_config(path: str) -> int:
@@ -92,9 +116,30 @@ def _check_config(path: str) -> int:
     except ConfigError as exc:
         print(f"{path}: error: {exc}", file=sys.stderr)
         return 2
+    for warning in config_warnings(config):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     listeners = ", ".join(str(e) for e in config.listen)
     print(f"{path}: OK ({listeners}; {len(config.policy.rules)} policy rules)")
     return 0
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but almost certainly not what the operator wants."""
+    import resource
+
+    from .service.fdlimit import capacity_warning
+
+    warnings = []
+    if not config.policy.can_allow_anything():
+        warnings.append("policy: no rule allows anything and the default is deny")
+    # serve raises the soft descriptor limit to the hard one: judge by that
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    capacity = capacity_warning(config.limits.max_clients, hard)
+    if capacity:
+        warnings.append(capacity)
+    return warnings
 
 
 def fast_paths_enabled() -> bool:
@@ -114,39 +159,27 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     asyncio.run(main)
 
 
-def _serve(config_path: str | None, listen: list[Endpoint] | None) -> int:
+def _serve(config_path: str | None, listen: list[Endpoint] | None, pid_file: str | None) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         log.error("config %s: %s", config_path or "<default>", exc)
         return 2
+    if not config.policy.can_allow_anything():
+        log.warning("policy: no rule allows anything and the default is deny")
+    from .service.runner import Service
+
     try:
-        run_event_loop(_run(config, listen))
+        run_event_loop(Service(config, partial(load_config, config_path), listen, pid_file).run())
     except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except Exception as exc:  # PrivilegeError, a bad socket from systemd: say why, exit 1
         log.error("cannot start: %s", exc)
         return 1
     except KeyboardInterrupt:
         pass
     return 0
-
-
-async def _run(config: Config, listen: list[Endpoint] | None) -> None:
-    from translator.gateway.server import Gateway
-
-    gateway = Gateway(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    endpoints = await gateway.start(listen)
-    for endpoint in endpoints:
-        log.info("listening on %s", endpoint)
-    log.info("config %s; ready", config.source)
-    try:
-        await stop.wait()
-    finally:
-        log.info("stopping")
-        await gateway.close()
 
 
 if __name__ == "__main__":
