@@ -169,6 +169,8 @@ class Metrics:
         self._translation_children: dict[tuple[str, str, str], Counter] = {}
         self._active_children: dict[str, Gauge] = {}
         self._finished_children: dict[tuple[str, str], Counter] = {}
+        self._accepted_children: dict[str, Counter] = {}
+        self._auth_children: dict[tuple[str, str], Counter] = {}
 
     # --- hot paths -------------------------------------------------------------------
 
@@ -232,7 +234,10 @@ class Metrics:
     # --- colder paths ----------------------------------------------------------------
 
     def connection_accepted(self, listener: str) -> None:
-        self.connections_accepted.labels(listener).inc()
+        child = self._accepted_children.get(listener)
+        if child is None:
+            child = self._accepted_children[listener] = self.connections_accepted.labels(listener)
+        child.inc()
 
     def connection_rejected(self, reason: str) -> None:
         self.connections_rejected.labels(reason).inc()
@@ -242,7 +247,11 @@ class Metrics:
         self.accept_paused.labels(reason).inc()
 
     def auth_result(self, method: str, result: str) -> None:
-        self.auth.labels(method, result).inc()
+        key = (method, result)
+        child = self._auth_children.get(key)
+        if child is None:
+            child = self._auth_children[key] = self.auth.labels(method, result)
+        child.inc()
 
     def config_reload(self, ok: bool) -> None:
         self.config_reloads.labels("ok" if ok else "error").inc()

@@ -167,29 +167,25 @@ class SessionRecord:
         self.metrics.session_ended(self.command, self.end)
         if not access_log.isEnabledFor(logging.INFO):
             return
-        fields = self.fields()
         translation = (
-            f"{fields['client_family']}->{fields['destination_family']}"
+            f"{self.client_family}->{self.destination_family}"
             if self.destination_family
-            else fields["client_family"]
+            else self.client_family
         )
         end = self.end if self.rep is None else f"{self.end} REP {self.rep} {Rep(self.rep).name}"
         if self.reason:
             end = f"{end}: {self.reason}"
-        access_log.info(
-            "%s: user=%s %s %s -> %s %s up=%d down=%d %s %.3fs %s",
-            self.client,
-            self.user or "-",
-            self.command,
-            self.requested,
-            self.reached,
-            translation,
-            self.up,
-            self.down,
-            self.unit,
-            fields["duration"],
-            end,
-            extra={"access": fields},
+        line = (
+            f"{self.client}: user={self.user or '-'} {self.command} {self.requested} -> "
+            f"{self.reached} {translation} up={self.up} down={self.down} {self.unit} "
+            f"{time.monotonic() - self.started:.3f}s {end}"
+        )
+        # One line per session is on the session-rate path: skip logging's caller lookup
+        # (a stack walk); the JSON formatter asks the record for its fields only if used.
+        access_log.handle(
+            access_log.makeRecord(
+                access_log.name, logging.INFO, __file__, 0, line, (), None, extra={"access": self}
+            )
         )
 
     def fields(self) -> dict[str, Any]:

@@ -215,7 +215,7 @@ class Session:
         await self._send(self.conn.send_method(chosen))
         metrics = self.services.metrics
         if chosen == Method.NO_ACCEPTABLE:
-            metrics.auth.labels("none", "no_acceptable").inc()
+            metrics.auth_result("none", "no_acceptable")
             self.record.end = accesslog.REFUSED
             self.record.reason = f"no acceptable method among {sorted(offered)}"
             return False
@@ -225,7 +225,7 @@ class Session:
             user = event.username.decode("utf-8", "replace")
             password = event.password.decode("utf-8", "replace")
             ok = await self.services.verify_password(user, password)
-            metrics.auth.labels("username", "ok" if ok else "failed").inc()
+            metrics.auth_result("username", "ok" if ok else "failed")
             await self._send(self.conn.send_auth_result(ok))
             if not ok:
                 self.record.end = accesslog.REFUSED
@@ -233,7 +233,7 @@ class Session:
                 return False
             self.ctx.user = user
         else:
-            metrics.auth.labels("none", "ok").inc()
+            metrics.auth_result("none", "ok")
         return True
 
     async def _serve_requests(self, deadline: float) -> None:

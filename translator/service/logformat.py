@@ -24,7 +24,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        access = getattr(record, "access", None)
+        access: Any = getattr(record, "access", None)  # a finished session's SessionRecord
+        if hasattr(access, "fields"):
+            access = access.fields()
         if isinstance(access, dict):
             document.update(access)
         if record.exc_info:

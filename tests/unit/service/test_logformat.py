@@ -63,7 +63,7 @@ def test_the_access_line_names_everything_once(caplog: pytest.LogCaptureFixture)
     for part in ("127.0.0.1:4000", "CONNECT", "web6.test:80", "[::1]:80", "ipv4->ipv6"):
         assert part in text
     assert "up=10 down=20" in text and text.endswith("ok")
-    assert line.access["destination_family"] == "ipv6"  # type: ignore[attr-defined]
+    assert line.access.fields()["destination_family"] == "ipv6"  # type: ignore[attr-defined]
     refused = SessionRecord("127.0.0.1:4001", "ipv4", metrics)
     refused.refused(2, "denied by policy (default deny)")
     refused.finish()
