@@ -304,9 +304,10 @@ class Session:
         trailing = self.conn.take_trailing_data()  # the client pipelined payload
         record = self.record
         with contextlib.suppress(OSError):
-            reached = sockaddr_ip(peer.getpeername())
-            record.reached = _show_endpoint(reached, int(peer.getpeername()[1]))
-            record.destination_family = family_name(reached.version)
+            host, port = peer.getpeername()[:2]  # one syscall; no address object needed
+            v6 = peer.family == socket.AF_INET6
+            record.reached = f"[{host}]:{port}" if v6 else f"{host}:{port}"
+            record.destination_family = family_name(6 if v6 else 4)
         record.end = accesslog.OK  # the reply went out: from here the session did its job
         stats = RelayStats()
         traffic, metrics = self.services.traffic, self.services.metrics
@@ -491,10 +492,6 @@ def _show(request: Request) -> str:
     address = request.address
     text = f"[{address}]" if ":" in str(address) else str(address)
     return f"{text}:{request.port}"
-
-
-def _show_endpoint(address: IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 def _atyp(address: object) -> str:
