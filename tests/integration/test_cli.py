@@ -129,6 +129,23 @@ def test_check_config_points_at_the_key(tmp_path: Path) -> None:
     assert "timeouts.connect" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_check_config_warns_about_a_policy_that_allows_nothing(tmp_path: Path) -> None:
+    shut = tmp_path / "shut.yaml"
+    shut.write_text("policy: {default: deny, rules: []}\n")
+    done = subprocess.run(
+        [*SOCKS64, "check-config", str(shut)], capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 0  # valid, and said to be useless
+    assert "warning: policy: no rule allows anything" in done.stderr
+    clean = subprocess.run(
+        [*SOCKS64, "check-config", "config/socks64.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert "warning: policy" not in clean.stderr
+
+
 def test_hash_password_line_is_accepted_by_the_gateway(tmp_path: Path) -> None:
     done = subprocess.run(
         [*SOCKS64, "hash-password", "alice"],
