@@ -132,7 +132,7 @@ def family_name(version: int) -> str:
 class SessionRecord:
     """What one client connection did, filled in by the session as it goes."""
 
-    client: str
+    client: object  # its str() names the client: built only when the line is written
     client_family: str
     metrics: Metrics
     started: float = field(default_factory=time.monotonic)
@@ -190,7 +190,7 @@ class SessionRecord:
 
     def fields(self) -> dict[str, Any]:
         return {
-            "client": self.client,
+            "client": str(self.client),
             "user": self.user,
             "command": self.command,
             "requested": self.requested,

@@ -138,6 +138,9 @@ class RequestContext:
             return f"[{self.client_ip}]:{self.client_port}"
         return f"{self.client_ip}:{self.client_port}"
 
+    def __str__(self) -> str:
+        return self.label
+
     @property
     def owner(self) -> Owner:
         return owner_for(self.client_ip, self.user)

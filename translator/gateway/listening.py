@@ -28,7 +28,8 @@ PAUSE = 0.1  # seconds accepting rests after running out of descriptors
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 #: called with each accepted connection, its peer address and the listener's endpoint
-OnAccept = Callable[[socket.socket, tuple[object, ...], Endpoint], None]
+#: (as text: "127.0.0.1:1080", "[::1]:1080")
+OnAccept = Callable[[socket.socket, tuple[object, ...], str], None]
 
 
 def listening_socket(endpoint: Endpoint) -> socket.socket:
@@ -66,6 +67,11 @@ class Listeners:
         self._adopted: list[socket.socket] = []  # from systemd: kept as long as we run
         self._paused: asyncio.TimerHandle | None = None
         self._pause_log = RateLimitedLog()
+        self._labels: dict[int, str] = {}  # listener fd -> its endpoint as text
+
+    def _label(self, sock: socket.socket) -> str:
+        label = self._labels[sock.fileno()] = str(endpoint_of(sock))
+        return label
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -122,11 +128,12 @@ class Listeners:
     def _close(self, sock: socket.socket) -> None:
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(sock.fileno())
+        self._labels.pop(sock.fileno(), None)
         sock.close()
 
     def _accept(self, listener: socket.socket) -> None:
         """Readable listener: take every pending connection (no task per accept)."""
-        endpoint: Endpoint | None = None
+        endpoint: str | None = None
         for _ in range(_ACCEPT_BATCH):
             try:
                 sock, peer = listener.accept()
@@ -139,7 +146,7 @@ class Listeners:
                     log.debug("accept failed: %s", exc)
                 return
             if endpoint is None:
-                endpoint = endpoint_of(listener)
+                endpoint = self._labels.get(listener.fileno()) or self._label(listener)
             self._on_accept(sock, peer, endpoint)
 
     def _pause(self, exc: OSError) -> None:

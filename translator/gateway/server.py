@@ -172,7 +172,10 @@ class Gateway:
     def _connector(self, config: Config) -> Connector:
         rc = config.resolver
         attempt = partial(connect_socket, interface=config.outbound.interface)
-        observe = self.metrics.connect_seconds
+        by_family = {  # label children looked up once, not per connection
+            socket.AF_INET: self.metrics.connect_seconds.labels("ipv4"),
+            socket.AF_INET6: self.metrics.connect_seconds.labels("ipv6"),
+        }
 
         async def connect(addresses: Sequence[IPAddress], port: int) -> socket.socket:
             started = time.monotonic()
@@ -184,8 +187,7 @@ class Gateway:
                 timeout=config.timeouts.connect,
                 attempt=attempt,
             )
-            family = "ipv6" if sock.family == socket.AF_INET6 else "ipv4"
-            observe.labels(family).observe(time.monotonic() - started)
+            by_family[sock.family].observe(time.monotonic() - started)
             return sock
 
         return connect
@@ -294,7 +296,7 @@ class Gateway:
 
     # -- clients --------------------------------------------------------------------------
 
-    def _admit(self, sock: socket.socket, peer: tuple[object, ...], endpoint: Endpoint) -> None:
+    def _admit(self, sock: socket.socket, peer: tuple[object, ...], endpoint: str) -> None:
         """A new connection: a slot for it, or closed at once (gateway full, or its
         address already holds its share)."""
         client = str(peer[0])
@@ -304,7 +306,7 @@ class Gateway:
             self.metrics.connection_rejected(refused)
             self._reject_log(log, "closing a connection from %s: %s limit reached", client, refused)
             return
-        self.metrics.connection_accepted(str(endpoint))
+        self.metrics.connection_accepted(endpoint)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         services = self.services
         task = asyncio.ensure_future(

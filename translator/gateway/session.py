@@ -87,7 +87,7 @@ class Session:
         self._doing: object = "handshake"  # for the log when the client leaves
         self._on_first_request = on_first_request
         self.record = SessionRecord(
-            self.ctx.label, family_name(self.ctx.client_ip.version), services.metrics
+            self.ctx, family_name(self.ctx.client_ip.version), services.metrics
         )
 
     @property

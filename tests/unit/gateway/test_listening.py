@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from translator.config import Endpoint
+from translator.config import Endpoint, parse_endpoint
 from translator.gateway import listening
 from translator.gateway.listening import Listeners
 
@@ -30,8 +30,8 @@ class Accepted:
         self.got: list[tuple[socket.socket, tuple[object, ...], Endpoint]] = []
         self._event = asyncio.Event()
 
-    def __call__(self, sock: socket.socket, peer: tuple[object, ...], endpoint: Endpoint) -> None:
-        self.got.append((sock, peer, endpoint))
+    def __call__(self, sock: socket.socket, peer: tuple[object, ...], endpoint: str) -> None:
+        self.got.append((sock, peer, parse_endpoint(endpoint)))  # the label is HOST:PORT
         self._event.set()
 
     async def wait_for(self, peer: tuple[object, ...], within: float = 2.0) -> Endpoint:
