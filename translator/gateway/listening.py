@@ -3,29 +3,24 @@ accepted from without spinning when descriptors run out.
 
 Kept listeners are never closed on reload (their backlog and running sessions are
 untouched), new ones are bound before anything is committed, removed ones are closed.
-When ``accept`` fails for lack of descriptors or memory, accepting pauses for a moment on
-every listener and resumes by itself: a readable listener that cannot be drained would
-otherwise wake the loop on every turn (one core at 100 %).
+Accepting (and resting when descriptors run out) is ``translator.net.accepting``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
 from collections.abc import Callable, Iterable
 
 from translator.config import Endpoint
+from translator.net.accepting import PAUSE, Acceptor
 from translator.ratelog import RateLimitedLog
 
 log = logging.getLogger("socks64.server")
 
 _BACKLOG = 1024
-_ACCEPT_BATCH = 64  # connections taken per wake-up, so one listener cannot starve the loop
-PAUSE = 0.1  # seconds accepting rests after running out of descriptors
-_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 #: called with each accepted connection, its peer address and the listener's endpoint
 #: (as text: "127.0.0.1:1080", "[::1]:1080")
@@ -65,9 +60,13 @@ class Listeners:
         self._on_pause = on_pause
         self._by_request: dict[Endpoint, socket.socket] = {}
         self._adopted: list[socket.socket] = []  # from systemd: kept as long as we run
-        self._paused: asyncio.TimerHandle | None = None
+        self._acceptor = Acceptor(self._accepted, self._paused_by)
         self._pause_log = RateLimitedLog()
         self._labels: dict[int, str] = {}  # listener fd -> its endpoint as text
+
+    @property
+    def _paused(self) -> asyncio.TimerHandle | None:
+        return self._acceptor.paused
 
     def _label(self, sock: socket.socket) -> str:
         label = self._labels[sock.fileno()] = str(endpoint_of(sock))
@@ -83,7 +82,7 @@ class Listeners:
         for sock in sockets:
             sock.setblocking(False)
             self._adopted.append(sock)
-            self._watch(sock)
+            self._acceptor.watch(sock)
 
     def open(self, wanted: Iterable[Endpoint]) -> tuple[list[Endpoint], list[Endpoint]]:
         """Make the listeners exactly ``wanted`` (plus adopted ones); returns (added,
@@ -103,13 +102,11 @@ class Listeners:
             self._close(self._by_request.pop(endpoint))
         for endpoint, sock in new.items():
             self._by_request[endpoint] = sock
-            self._watch(sock)
+            self._acceptor.watch(sock)
         return list(new), removed
 
     def close(self) -> None:
-        if self._paused is not None:
-            self._paused.cancel()
-            self._paused = None
+        self._acceptor.close()
         for sock in [*self._adopted, *self._by_request.values()]:
             self._close(sock)
         self._adopted.clear()
@@ -118,50 +115,19 @@ class Listeners:
     def _is_adopted(self, endpoint: Endpoint) -> bool:
         return any(endpoint_of(s) == endpoint for s in self._adopted)
 
-    def _all(self) -> list[socket.socket]:
-        return [*self._adopted, *self._by_request.values()]
-
-    def _watch(self, sock: socket.socket) -> None:
-        if self._paused is None:  # a paused gateway starts watching when it resumes
-            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
-
     def _close(self, sock: socket.socket) -> None:
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(sock.fileno())
+        self._acceptor.unwatch(sock)
         self._labels.pop(sock.fileno(), None)
         sock.close()
 
-    def _accept(self, listener: socket.socket) -> None:
-        """Readable listener: take every pending connection (no task per accept)."""
-        endpoint: str | None = None
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, peer = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _EXHAUSTED:
-                    self._pause(exc)
-                else:  # ECONNABORTED and friends: that one connection is gone
-                    log.debug("accept failed: %s", exc)
-                return
-            if endpoint is None:
-                endpoint = self._labels.get(listener.fileno()) or self._label(listener)
-            self._on_accept(sock, peer, endpoint)
+    def _accepted(
+        self, sock: socket.socket, peer: tuple[object, ...], listener: socket.socket
+    ) -> None:
+        endpoint = self._labels.get(listener.fileno()) or self._label(listener)
+        self._on_accept(sock, peer, endpoint)
 
-    def _pause(self, exc: OSError) -> None:
-        reason = errno.errorcode.get(exc.errno or 0, "EMFILE")
-        self._on_pause(reason)
+    def _paused_by(self, exc: OSError) -> None:
+        self._on_pause(errno.errorcode.get(exc.errno or 0, "EMFILE"))
         self._pause_log(
             log, "cannot accept (%s): pausing accepts for %g s; serving who we have", exc, PAUSE
         )
-        loop = asyncio.get_running_loop()
-        for sock in self._all():
-            with contextlib.suppress(Exception):
-                loop.remove_reader(sock.fileno())
-        self._paused = loop.call_later(PAUSE, self._resume)
-
-    def _resume(self) -> None:
-        self._paused = None
-        for sock in self._all():
-            self._watch(sock)

@@ -3,17 +3,18 @@
 It runs on the gateway's event loop rather than in ``prometheus_client.start_http_server``'s
 thread: the collectors (UDP totals, the ADDRESS ID table) read state that lives on the
 loop, and scraping it from another thread would race it. Serving on the loop makes every
-scrape a consistent snapshot. It accepts by hand and rests for a moment when descriptors
-run out, like the SOCKS listeners, instead of spinning.
+scrape a consistent snapshot. It accepts through ``accepting.Acceptor``, like the SOCKS
+listeners: when descriptors run out it rests for a moment instead of spinning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import socket
 from typing import Any, Final, Protocol
+
+from .accepting import Acceptor
 
 
 class Exposition(Protocol):
@@ -26,7 +27,6 @@ class Exposition(Protocol):
 
 _HEADER_LIMIT: Final = 8192
 _HEADER_TIMEOUT: Final = 5.0
-_ACCEPT_PAUSE: Final = 0.1  # seconds accepting rests when descriptors run out
 _BODY_DISCARD_LIMIT: Final = 65536
 _INDEX: Final = b"socks64 metrics exporter: see /metrics\n"
 _TEXT: Final = "text/plain; charset=utf-8"
@@ -57,7 +57,7 @@ class MetricsServer:
         self.host = host.removeprefix("[").removesuffix("]")
         self.port = port
         self._sock: socket.socket | None = None
-        self._paused: asyncio.TimerHandle | None = None
+        self._acceptor = Acceptor(self._accepted)
         self._bound: tuple[str, int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._transports: set[asyncio.WriteTransport] = set()
@@ -84,7 +84,7 @@ class MetricsServer:
             sock.listen(64)
             sock.setblocking(False)
             name = sock.getsockname()
-            loop.add_reader(sock.fileno(), self._accept, sock)
+            self._acceptor.watch(sock)
         except BaseException:
             sock.close()
             raise
@@ -92,27 +92,12 @@ class MetricsServer:
         self._bound = (str(name[0]), int(name[1]))
         return self._bound
 
-    def _accept(self, sock: socket.socket) -> None:
-        """Accept by hand (not asyncio.start_server): when descriptors run out, rest for a
-        moment instead of spinning and logging a traceback per wake-up."""
-        loop = asyncio.get_running_loop()
-        try:
-            conn, _ = sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                loop.remove_reader(sock.fileno())
-                self._paused = loop.call_later(_ACCEPT_PAUSE, self._resume)
-            return
-        task = loop.create_task(self._serve(conn))
+    def _accepted(
+        self, conn: socket.socket, peer: tuple[object, ...], listener: socket.socket
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _resume(self) -> None:
-        self._paused = None
-        if self._sock is not None:
-            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept, self._sock)
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
@@ -127,11 +112,7 @@ class MetricsServer:
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        if self._paused is not None:
-            self._paused.cancel()
-            self._paused = None
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(sock.fileno())
+        self._acceptor.close()
         sock.close()
         for transport in list(self._transports):
             transport.abort()  # the handler sees EOF or a reset and returns
