@@ -12,21 +12,28 @@ from addrmap.errors import (
     InvalidTarget,
     LimitExceeded,
     LimitName,
+    PoolExhausted,
     QuotaExceeded,
 )
+from addrmap.fakeip import POOL_OWNER, Binding, FakeIpPool, PoolSnapshot
 from addrmap.ids import MAX_REALID
 from addrmap.owner import Owner, Target
 from addrmap.table import AddressTable, TableStats
 
 __all__ = [
     "MAX_REALID",
+    "POOL_OWNER",
     "AddrMapError",
     "AddressTable",
+    "Binding",
     "CapacityExceeded",
+    "FakeIpPool",
     "InvalidTarget",
     "LimitExceeded",
     "LimitName",
     "Owner",
+    "PoolExhausted",
+    "PoolSnapshot",
     "QuotaExceeded",
     "TableStats",
     "Target",

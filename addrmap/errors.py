@@ -9,7 +9,7 @@ if TYPE_CHECKING:
 
 #: Which limit refused an association: the owner's quota, the table's capacity, or the
 #: 24-bit REALID space (live plus quarantined IDs leave no free ID to draw).
-LimitName = Literal["per_owner_quota", "capacity", "id_space"]
+LimitName = Literal["per_owner_quota", "capacity", "id_space", "pool"]
 
 
 class AddrMapError(Exception):
@@ -46,3 +46,10 @@ class CapacityExceeded(LimitExceeded):
 
     def __init__(self, value: int, owner: Owner, *, limit: LimitName = "capacity") -> None:
         super().__init__(limit, value, owner)
+
+
+class PoolExhausted(LimitExceeded):
+    """Every address of a fake-IP pool is bound or still in quarantine."""
+
+    def __init__(self, value: int, owner: Owner) -> None:
+        super().__init__("pool", value, owner)

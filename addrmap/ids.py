@@ -96,6 +96,14 @@ class Quarantine:
         self._count += 1
         return bucket * self._window
 
+    def items(self) -> list[tuple[int, float]]:
+        """Every quarantined value with the time it will be released (for saving state)."""
+        return [
+            (value, bucket * self._window)
+            for bucket, values in self._buckets.items()
+            for value in values
+        ]
+
     def next_release(self) -> float:
         """When the next IDs may be released (infinity when none are quarantined)."""
         if not self._bucket_heap:

@@ -216,8 +216,15 @@ class AddressTable:
         self._freed = 0
         self._quota_refusals = 0
         self._capacity_refusals = 0
+        #: told of every entry freed (expired or reclaimed), as it is freed; see on_free()
+        self._free_listener: Callable[[int, Owner, Target], None] | None = None
 
     # ----------------------------------------------------------------- public API
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The table's time source (aliases kept beside it use the same)."""
+        return self._clock
 
     @property
     def ttl(self) -> float:
@@ -232,12 +239,22 @@ class AddressTable:
         """
         return self._granularity
 
-    def associate(self, owner: Owner, target: Target) -> int:
+    def on_free(self, listener: Callable[[int, Owner, Target], None] | None) -> None:
+        """Call ``listener(realid, owner, target)`` whenever an entry is freed.
+
+        An alias kept outside the table (a fake-IP pool address) learns here that its ID
+        is gone, at the moment the table frees it. The listener must not call the table.
+        """
+        self._free_listener = listener
+
+    def associate(self, owner: Owner, target: Target, *, quota: int | None = None) -> int:
         """Return the owner's REALID for ``target``, creating it if needed.
 
         The same owner and target give the same ID while it lives; the call counts as a
         use. Raises :class:`QuotaExceeded` or :class:`CapacityExceeded` when a limit is
         reached (after reclaiming expired entries), :class:`InvalidTarget` for a bad one.
+        ``quota`` replaces the per-owner quota for this owner (the gateway's own fake-IP
+        pool is bounded by its size instead).
         """
         stored, key = _normalize(target)
         now = self._clock()
@@ -256,10 +273,9 @@ class AddressTable:
                 self._free(realid, entry, now)
                 state = owners.get(owner)  # dropped if that was its last entry
         # Below, any sweep may drop the owner's state (when it empties): fetch it again.
-        if (state is not None and len(state.by_target) >= self._quota) or len(
-            by_id
-        ) >= self._capacity:
-            self._check_limits(owner, now)
+        limit = self._quota if quota is None else quota
+        if (state is not None and len(state.by_target) >= limit) or len(by_id) >= self._capacity:
+            self._check_limits(owner, now, limit)
             state = owners.get(owner)
         realid = self._ids.next()
         bitmap = self._quarantine.bitmap
@@ -299,6 +315,15 @@ class AddressTable:
         if now >= stamp:
             stamp = self._stamp = now + self._resolution
         entry.last_use = stamp
+        return entry.target
+
+    def peek(self, owner: Owner, realid: int) -> Target | None:
+        """What ``realid`` names for ``owner``, without counting a use (saving state)."""
+        entry = self._by_id.get(realid)
+        if entry is None or entry.owner != owner:
+            return None
+        if self._clock() - entry.last_use >= self._ttl and realid not in self._pins:
+            return None
         return entry.target
 
     def find(self, owner: Owner, target: Target) -> int | None:
@@ -401,13 +426,13 @@ class AddressTable:
             self._stamp = now + self._resolution
         return self._stamp
 
-    def _check_limits(self, owner: Owner, now: float) -> None:
+    def _check_limits(self, owner: Owner, now: float, quota: int) -> None:
         """At a limit: reclaim everything expired, then refuse if still there."""
         self._sweep(now, exact=True)
         self._update_due()
-        if self.owner_count(owner) >= self._quota:
+        if self.owner_count(owner) >= quota:
             self._quota_refusals += 1
-            raise QuotaExceeded(self._quota, owner)
+            raise QuotaExceeded(quota, owner)
         if len(self._by_id) >= self._capacity:
             self._capacity_refusals += 1
             raise CapacityExceeded(self._capacity, owner)
@@ -445,6 +470,8 @@ class AddressTable:
         self._freed += 1
         if release < self._due:
             self._due = release
+        if self._free_listener is not None:
+            self._free_listener(realid, state.owner, entry.target)
 
     def _file_in(self, entry: _Entry, bucket: int) -> None:
         entries = self._buckets.get(bucket)
