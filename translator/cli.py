@@ -1,4 +1,4 @@
-"""``socks64`` command line: serve, check-config, hash-password, lab."""
+"""``socks64`` command line: serve, check-config, hash-password, run, lab."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ def _endpoint(text: str) -> Endpoint:
     try:
         return parse_endpoint(text, "--listen")
     except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _gateway(text: str) -> tuple[str, int]:
+    from .client.proxychains import parse_gateway
+
+    try:
+        return parse_gateway(text)
+    except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -81,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
         "hash-password", help="print a users-file line for a password read from stdin"
     )
     hashpw.add_argument("args", nargs=argparse.REMAINDER)
+    run = commands.add_parser(
+        "run",
+        help="run a program with its TCP connections and name lookups through a gateway",
+        description="Run COMMAND under proxychains4: its TCP connections and its name "
+        "lookups go to the gateway (SOCKS5, names resolved there). Credentials come from "
+        "SOCKS64_USER and SOCKS64_PASSWORD.",
+        usage="%(prog)s [--gateway HOST:PORT] [--verbose] -- COMMAND ...",
+        parents=[after],
+    )
+    run.add_argument(
+        "--gateway",
+        type=_gateway,
+        metavar="HOST:PORT",
+        help="the socks64 gateway; [IPv6]:PORT; a name is resolved once here "
+        "(default: $SOCKS64_GATEWAY, else 127.0.0.1:1080)",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="show proxychains4's own lines")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="after --")
     lab = commands.add_parser("lab", help="network-namespace lab (up, down, status, exec, run)")
     lab.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -103,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .auth import main_hash_password
 
         return main_hash_password(args.args)
+    if args.command == "run":
+        return _run(args.gateway, args.argv, args.verbose)
     if args.command == "lab":
         from netnslab.cli import main as lab_main
 
@@ -121,6 +150,18 @@ def _check_config(path: str) -> int:
     listeners = ", ".join(str(e) for e in config.listen)
     print(f"{path}: OK ({listeners}; {len(config.policy.rules)} policy rules)")
     return 0
+
+
+def _run(gateway: tuple[str, int] | None, argv: list[str], verbose: bool) -> int:
+    from .client.proxychains import RunError, default_gateway, run
+
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    try:
+        return run(gateway or default_gateway(), argv, verbose=verbose)
+    except RunError as exc:
+        print(f"socks64 run: {exc}", file=sys.stderr)
+        return exc.status
 
 
 def config_warnings(config: Config) -> list[str]:
