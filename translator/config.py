@@ -21,6 +21,7 @@ import yaml
 
 from .keys import check_keys
 from .policy import Policy, PolicyError
+from .transparent.settings import TransparentConfig, parse_transparent
 
 DEFAULT_CONFIG_NAME = "socks64.yaml"
 
@@ -171,6 +172,7 @@ class Config:
     udp: UdpConfig = field(default_factory=UdpConfig)
     policy: Policy = field(default_factory=lambda: Policy.from_config(DEFAULT_POLICY))
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    transparent: TransparentConfig = field(default_factory=TransparentConfig)
     shutdown_grace: float = 5.0  # SIGTERM: running sessions get this long to finish
     user: str | None = None  # drop to this user (and group) once everything is open
     group: str | None = None
@@ -238,6 +240,7 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
         "udp",
         "policy",
         "metrics",
+        "transparent",
         "shutdown_grace",
         "user",
         "group",
@@ -330,6 +333,10 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
     metrics = MetricsConfig(
         None if metrics_listen is None else parse_endpoint(metrics_listen, "metrics.listen")
     )
+    t_raw = data.get("transparent") or {}
+    if not isinstance(t_raw, Mapping):
+        raise ConfigError("transparent", "must be a mapping")
+    transparent = parse_transparent(t_raw, _host_port, ConfigError)
     grace = data.get("shutdown_grace", 5.0)
     if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace < math.inf:
         raise ConfigError("shutdown_grace", f"must be a number of seconds >= 0, not {grace!r}")
@@ -347,6 +354,7 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
         udp,
         policy,
         metrics,
+        transparent,
         float(grace),
         user,
         group,
@@ -459,6 +467,11 @@ def _check_nameserver(text: str, key: str) -> None:
         ipaddress.ip_address(host)
     except ValueError:
         raise ConfigError(key, f"{text!r} is not IP, IP:PORT or [IPv6]:PORT") from None
+
+
+def _host_port(text: str, key: str) -> tuple[str, int]:
+    endpoint = parse_endpoint(text, key)
+    return endpoint.host, endpoint.port
 
 
 _BIND_KEYS = ("address", "announce")

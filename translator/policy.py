@@ -86,6 +86,7 @@ class Command(StrEnum):
     UDP = "udp"
     ASSOCIATE = "associate"  # ADDRESS ASSOCIATE (Kitamura)
     MULTICAST = "multicast"  # UDP control channel MULTICAST JOIN
+    TRANSPARENT = "transparent"  # DNS46 answers and intercepted flows (transparent front)
 
 
 _COMMANDS_BY_NAME = {command.value: command for command in Command}

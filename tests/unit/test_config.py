@@ -97,7 +97,7 @@ def test_errors_name_the_key(data: dict, key: str) -> None:
         (
             {"lsiten": []},
             "lsiten: unknown key (known: listen, auth, resolver, timeouts, limits, addrmap,"
-            " bind, outbound, udp, policy, metrics, shutdown_grace, user, group)",
+            " bind, outbound, udp, policy, metrics, transparent, shutdown_grace, user, group)",
         ),
         (
             {"resolver": {"foo": 1}},
