@@ -177,6 +177,17 @@ def config_warnings(config: Config) -> list[str]:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
+    transparent = config.transparent
+    if transparent.interfaces and not transparent.dns_listen:
+        warnings.append(
+            "transparent.interfaces without transparent.dns_listen: nothing hands out pool "
+            "addresses, so nothing will be intercepted"
+        )
+    if transparent.dns_listen and not transparent.interfaces:
+        warnings.append(
+            "transparent.dns_listen without transparent.interfaces: DNS46 answers pool "
+            "addresses that only SOCKS clients can use (nothing is intercepted)"
+        )
     capacity = capacity_warning(config.limits.max_clients, hard)
     if capacity:
         warnings.append(capacity)

@@ -36,6 +36,7 @@ __all__ = [
     "Metric",
     "Metrics",
     "table_metrics",
+    "transparent_metrics",
     "udp_metrics",
 ]
 
@@ -342,3 +343,58 @@ def udp_metrics(
 
 
 # --- the HTTP endpoint ---------------------------------------------------------------
+
+
+def transparent_metrics(
+    answers: Mapping[str, int],
+    flows: Mapping[tuple[str, str], int],
+    refusals: Mapping[tuple[str, str], int],
+    active: Mapping[str, int],
+    bound: int,
+    quarantined: int,
+    size: int,
+) -> list[Metric]:
+    """Metric families for the transparent front (DNS46, the pool, intercepted flows)."""
+    dns = CounterMetricFamily(
+        "socks64_transparent_dns_answers",
+        "DNS46 answers, by kind (synthesized, forwarded, empty, ptr, refused, servfail, formerr).",
+        labels=["answer"],
+    )
+    for answer, count in sorted(answers.items()):
+        dns.add_metric([answer], count)
+    intercepted = CounterMetricFamily(
+        "socks64_transparent_flows",
+        "Intercepted flows relayed, by protocol and the family of the destination reached.",
+        labels=["protocol", "family"],
+    )
+    for (protocol, family), count in sorted(flows.items()):
+        intercepted.add_metric([protocol, family], count)
+    refused = CounterMetricFamily(
+        "socks64_transparent_refusals",
+        "Intercepted flows refused, by protocol and reason.",
+        labels=["protocol", "reason"],
+    )
+    for (protocol, reason), count in sorted(refusals.items()):
+        refused.add_metric([protocol, reason], count)
+    live = GaugeMetricFamily(
+        "socks64_transparent_flows_active", "Intercepted flows open.", labels=["protocol"]
+    )
+    for protocol, count in sorted(active.items()):
+        live.add_metric([protocol], count)
+    return [
+        dns,
+        intercepted,
+        refused,
+        live,
+        GaugeMetricFamily(
+            "socks64_transparent_pool_bound", "Pool addresses bound to a name.", value=bound
+        ),
+        GaugeMetricFamily(
+            "socks64_transparent_pool_quarantined",
+            "Pool addresses freed and not yet reusable.",
+            value=quarantined,
+        ),
+        GaugeMetricFamily(
+            "socks64_transparent_pool_size", "Addresses the pool can bind.", value=size
+        ),
+    ]

@@ -146,6 +146,16 @@ def test_check_config_warns_about_a_policy_that_allows_nothing(tmp_path: Path) -
     assert "warning: policy" not in clean.stderr
 
 
+def test_check_config_warns_about_half_a_transparent_front(tmp_path: Path) -> None:
+    half = tmp_path / "half.yaml"
+    half.write_text("transparent: {interfaces: [lan0]}\n")
+    done = subprocess.run(
+        [*SOCKS64, "check-config", str(half)], capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 0
+    assert "warning: transparent.interfaces without transparent.dns_listen" in done.stderr
+
+
 def test_hash_password_line_is_accepted_by_the_gateway(tmp_path: Path) -> None:
     done = subprocess.run(
         [*SOCKS64, "hash-password", "alice"],

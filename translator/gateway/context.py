@@ -15,9 +15,9 @@ from __future__ import annotations
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import ip_address
+from ipaddress import IPv4Address, ip_address
 
-from addrmap import AddressTable, Owner, Target
+from addrmap import AddressTable, FakeIpPool, Owner, Target
 from translator import policy as pol
 from translator.config import Config
 from translator.metrics import Metrics
@@ -59,6 +59,8 @@ class Services:
     udp_totals: UdpTotals = field(default_factory=UdpTotals)
     traffic: TrafficMeter = field(default_factory=TrafficMeter)
     peer_budgets: PeerBudgets = field(default_factory=PeerBudgets)
+    #: the transparent front's fake-IP pool: a pool address in a request names its name
+    pool: FakeIpPool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +177,21 @@ class RequestContext:
             if target is None:
                 raise GatewayError(Rep.INVALID_ADDRESS, f"unknown or foreign {address}")
             return target, address.realid
-        return as_target(address), None
+        target = as_target(address)
+        pool = self.services.pool
+        if pool is not None and target in pool:
+            return self._pool_name(pool, target), None
+        return target, None
+
+    @staticmethod
+    def _pool_name(pool: FakeIpPool, address: Target) -> str:
+        """A pool address stands for the name it is bound to; it is never dialled itself
+        (that would loop back into the interception, or leave the host)."""
+        assert isinstance(address, IPv4Address)
+        name = pool.name_of(address)
+        if name is None:
+            raise GatewayError(Rep.HOST_UNREACHABLE, f"pool address {address} is not bound")
+        return name
 
     # -- policy ---------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from functools import partial
 
 from prometheus_client.metrics_core import Metric
 
-from addrmap import AddressTable
+from addrmap import AddressTable, FakeIpPool
 from translator.auth import Credentials, CredentialsError
 from translator.config import Config, ConfigError, Endpoint
 from translator.metrics import Metrics, table_metrics, udp_metrics
@@ -36,6 +36,7 @@ from translator.ratelog import RateLimitedLog
 from translator.relay.channel import Channel
 from translator.relay.listeners import MultiRegistry
 from translator.relay.multicast import MulticastHub
+from translator.transparent.front import TransparentFront
 
 from .admission import Admission
 from .context import Connector, Services
@@ -98,7 +99,7 @@ def _credentials_for(config: Config) -> Credentials | None:
 
 
 #: settings a reload cannot change (logged; they apply after a restart)
-_FIXED_AT_START = ("addrmap", "user", "group")
+_FIXED_AT_START = ("addrmap", "transparent", "user", "group")
 
 
 class Gateway:
@@ -126,6 +127,10 @@ class Gateway:
             capacity=am.capacity,
         )
         self.credentials = _credentials_for(config)
+        self.pool: FakeIpPool | None = None
+        if config.transparent.enabled:
+            self.pool = FakeIpPool(self.table, config.transparent.pool, quarantine=am.quarantine)
+        self.transparent: TransparentFront | None = None
         self.multi = MultiRegistry()
         self.interfaces = InterfaceWatcher()
         self.multicast = MulticastHub(
@@ -146,6 +151,7 @@ class Gateway:
             multicast=self.multicast,
             udp_drop_log=RateLimitedLog(level=logging.INFO),
             metrics=self.metrics,
+            pool=self.pool,
         )
         self.admission = Admission(config.limits)
         self.listeners = Listeners(self._admit, self.metrics.accept_pause)
@@ -208,6 +214,12 @@ class Gateway:
             self.listeners.adopt(adopted)
             self.listeners.open(self._listen_override or self.config.listen)
             self.metrics_server = await self._metrics_server(self.config)
+            if self.pool is not None:
+                self.transparent = TransparentFront(
+                    self.config.transparent, self.pool, lambda: self.services
+                )
+                await self.transparent.start()
+                self.metrics.add_source(self.transparent.metrics)
         except BaseException:
             await self.close()
             raise
@@ -411,6 +423,9 @@ class Gateway:
         self.listeners.close()
         self.metrics.set_listeners(())
         tasks = list(self._sessions)
+        if self.transparent is not None:
+            self.transparent.stop_accepting()
+            tasks += self.transparent.tasks
         if tasks and grace > 0:
             log.info("stopped accepting; %d session(s) have %g s to finish", len(tasks), grace)
             await asyncio.wait(tasks, timeout=grace)
@@ -425,6 +440,9 @@ class Gateway:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self.transparent is not None:
+            await self.transparent.close()  # removes what it installed, saves the bindings
+            self.transparent = None
         self.multi.close_all()
         self.multicast.close()
         if self._unsubscribe is not None:
@@ -443,4 +461,3 @@ class Gateway:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-

@@ -57,6 +57,7 @@ def association_deps(ctx: RequestContext) -> UdpDeps:
         clock=services.clock,
         drop_log=services.udp_drop_log,
         peers=budgets.budget(ctx.client_ip.compressed),
+        pool=services.pool,
     )
 
 

@@ -41,7 +41,7 @@ from .fragments import Reassembler
 from .peercache import PeerBudget, PeerCache
 
 if TYPE_CHECKING:
-    from addrmap import AddressTable, Owner
+    from addrmap import AddressTable, FakeIpPool, Owner
     from translator.config import UdpConfig
     from translator.net.resolver import Resolver
     from translator.ratelog import RateLimitedLog
@@ -141,10 +141,15 @@ class UdpDeps:
     #: the client's budget of remembered peers, shared with its other associations; None:
     #: one of the association's own, of udp.max_peers_per_client
     peers: PeerBudget | None = None
+    #: the transparent front's pool: its addresses name names (see client_datagram)
+    pool: FakeIpPool | None = None
 
 
 class UdpAssociation:
     """State of one UDP ASSOCIATE; ends with its TCP connection (``close()``)."""
+
+    #: what the policy is asked for unicast peers (the transparent front asks its own)
+    unicast_command = pol.Command.UDP
 
     def __init__(
         self,
@@ -349,6 +354,14 @@ class UdpAssociation:
                 route_key = None  # unpinned: keep looking it up, so expiry is seen
         else:
             target = destination.lower() if isinstance(destination, str) else destination
+        pool = self.deps.pool
+        if pool is not None and target in pool:
+            # A fake-IP pool address stands for its name; it is never sent to itself.
+            name = pool.name_of(target)  # type: ignore[arg-type]
+            if name is None:
+                self._drop("dropped_malformed", "pool address %s is not bound", target)
+                return
+            target, route_key = name, None  # looked up each time: the binding may end
         if isinstance(target, str):
             cached = self._names.get(target)
             if cached is None:
@@ -371,7 +384,7 @@ class UdpAssociation:
         key = (peer, port)
         allowed = self._verdicts.get(key)
         if allowed is None:
-            command = pol.Command.MULTICAST if peer.is_multicast else pol.Command.UDP
+            command = pol.Command.MULTICAST if peer.is_multicast else self.unicast_command
             decision = self.deps.policy.check(
                 client=self.client_ip,
                 user=self.deps.user,

@@ -24,6 +24,8 @@ NAMES: dict[int, str] = {
 }
 
 PR_SET_KEEPCAPS = 8
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to the kernel
 
@@ -54,15 +56,22 @@ def current_capabilities() -> set[int]:
     return _capability_set("CapEff")
 
 
-def drop_privileges(user: str, group: str | None = None, keep: Iterable[int] = ()) -> str:
+def drop_privileges(
+    user: str, group: str | None = None, keep: Iterable[int] = (), inherit: Iterable[int] = ()
+) -> str:
     """Become ``user`` (and ``group``, default: the user's primary group; names or decimal
     ids) with no supplementary groups and only the ``keep`` capabilities, then check that
     root cannot be regained. Returns a one-line description for the log.
+
+    ``inherit`` (a subset of ``keep``) are passed on to programs the gateway runs, as
+    ambient capabilities: ``nft``, which removes the gateway's table at stop, needs
+    CAP_NET_ADMIN of its own.
 
     Not running as root: nothing to drop when already ``user``, else PrivilegeError.
     Capabilities are per thread: call this before starting threads, which would otherwise
     end up with no capabilities at all (the uid change applies to every thread)."""
     kept = set(keep)
+    inherited = set(inherit) & kept
     for cap in kept:
         if not 0 <= cap < 64:
             raise PrivilegeError(f"{cap} is not a capability number")
@@ -93,14 +102,27 @@ def drop_privileges(user: str, group: str | None = None, keep: Iterable[int] = (
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
-        _capset(kept)
+        _capset(kept, inherited)
         _prctl(PR_SET_KEEPCAPS, 0)
+        for cap in sorted(inherited):
+            _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
     except OSError as e:
         raise PrivilegeError(f"switching to {target} failed: {e}") from e
-    _verify(uid, gid, kept, target)
+    _verify(uid, gid, kept, target, inherited)
     if kept:
-        return f"running as {target}, keeping " + ", ".join(cap_name(c) for c in sorted(kept))
+        passed = "".join(f", passing {cap_name(c)} to nft" for c in sorted(inherited))
+        kept_names = ", ".join(cap_name(c) for c in sorted(kept))
+        return f"running as {target}, keeping {kept_names}{passed}"
     return f"running as {target}, no capabilities"
+
+
+def account_ids(user: str, group: str | None = None) -> tuple[int, int]:
+    """The uid and gid ``drop_privileges(user, group)`` switches to."""
+    uid, _, primary_gid = _resolve_user(user)
+    gid = _resolve_group(group, user) if group is not None else primary_gid
+    if gid is None:
+        raise PrivilegeError(f"user {user} has no passwd entry; set the group as well")
+    return uid, gid
 
 
 def _resolve_user(user: str) -> tuple[int, str, int | None]:
@@ -137,7 +159,13 @@ def _numeric_id(text: str, what: str) -> int:
     return value
 
 
-def _verify(uid: int, gid: int, kept: set[int], target: str) -> None:
+def _verify(
+    uid: int,
+    gid: int,
+    kept: set[int],
+    target: str,
+    inherited: set[int] = frozenset(),  # type: ignore[assignment]
+) -> None:
     """Check the result instead of trusting it: a silent partial drop is the worst case."""
     problems = []
     if os.getresuid() != (uid, uid, uid):
@@ -153,8 +181,10 @@ def _verify(uid: int, gid: int, kept: set[int], target: str) -> None:
             names = ", ".join(cap_name(c) for c in sorted(have)) or "none"
             problems.append(f"{field} is {names}")
     for field in ("CapInh", "CapAmb"):
-        if _capability_set(field):
-            problems.append(f"{field} is not empty")
+        have = _capability_set(field)
+        if have != set(inherited):
+            names = ", ".join(cap_name(c) for c in sorted(have)) or "none"
+            problems.append(f"{field} is {names}")
     try:
         os.setuid(0)
     except PermissionError:
@@ -186,25 +216,27 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _prctl(option: int, value: int) -> None:
+def _prctl(option: int, value: int, extra: int = 0) -> None:
     prctl = _libc().prctl
     prctl.restype = ctypes.c_int
-    rest = (ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    rest = (ctypes.c_ulong(value), ctypes.c_ulong(extra), ctypes.c_ulong(0), ctypes.c_ulong(0))
     if prctl(ctypes.c_int(option), *rest) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 
 
-def _capset(caps: set[int]) -> None:
-    """Effective = permitted = ``caps``; inheritable empty (children get nothing)."""
+def _capset(caps: set[int], inheritable: Iterable[int] = ()) -> None:
+    """Effective = permitted = ``caps``; inheritable only ``inheritable`` (which the ambient
+    set needs; children get nothing else)."""
     mask = sum(1 << cap for cap in caps)
+    passed = sum(1 << cap for cap in inheritable)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     for i in range(2):
         word = (mask >> (32 * i)) & 0xFFFFFFFF
         data[i].effective = word
         data[i].permitted = word
-        data[i].inheritable = 0
+        data[i].inheritable = (passed >> (32 * i)) & 0xFFFFFFFF
     capset = _libc().capset
     capset.restype = ctypes.c_int
     capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]

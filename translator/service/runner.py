@@ -44,6 +44,30 @@ def kept_capabilities(config: Config) -> set[int]:
     return wanted & privileges.current_capabilities()
 
 
+def inherited_capabilities(config: Config) -> set[int]:
+    """What programs the gateway runs need: nft removes the interception at stop."""
+    if config.transparent.interfaces:
+        return {privileges.CAP_NET_ADMIN} & privileges.current_capabilities()
+    return set()
+
+
+def prepare_state_directory(config: Config) -> str | None:
+    """Before the drop to ``user:``: the pool's state file is rewritten (a new file renamed
+    over it) by that user, so its directory must be the user's. A directory named
+    ``socks64`` (the default /var/lib/socks64; systemd's StateDirectory=socks64) is handed
+    to the user; any other is left alone and must already be writable by it. Returns what
+    was done, for the log."""
+    path = config.transparent.state_file
+    if path is None or not config.transparent.enabled or config.user is None:
+        return None
+    directory = Path(path).parent
+    uid, gid = privileges.account_ids(config.user, config.group)
+    if directory.name == "socks64" and directory.stat().st_uid != uid:
+        os.chown(directory, uid, gid)
+        return f"state directory {directory} handed to uid {uid}"
+    return None
+
+
 #: Imported only on first use, by the standard library, on paths a running gateway takes.
 #: After the drop to ``user:`` the interpreter's own files may be unreadable (a Python
 #: under /root), so these are imported before it (see `preload_modules`).
@@ -51,14 +75,17 @@ LAZY_MODULES = (
     "concurrent.futures.thread",  # the loop's default executor: asyncio.to_thread for a
     # password check or the netlink thread's join at stop, getaddrinfo on plain asyncio
     "importlib.readers",  # resources.files(): the embedded config, re-read on SIGHUP
+    "dns.asyncquery",  # DNS46 forwarding, and the asyncio backend it picks at first use
+    "dns._asyncio_backend",
 )
 #: Codecs looked up by name on first use (encodings.NAME, and what that imports).
 LAZY_CODECS = (
     "idna",  # every getaddrinfo() of a str host: uvloop's sock_connect (each CONNECT) and
     # create_datagram_endpoint (each UDP ASSOCIATE), socket.getaddrinfo; normalize_name
 )
-#: Our own packages: imported whole, so no module of ours is first imported later.
-OWN_PACKAGES = ("translator", "addrmap")
+#: Our own packages: imported whole, so no module of ours is first imported later. And
+#: dnspython's record types, which it imports by name when DNS46 first meets a type.
+OWN_PACKAGES = ("translator", "addrmap", "dns.rdtypes")
 
 
 def preload_modules(packages: Iterable[str] = OWN_PACKAGES) -> None:
@@ -146,10 +173,16 @@ class Service:
                 self.pid_file.write_text(f"{os.getpid()}\n", encoding="ascii")
             if self.config.user is not None:
                 preload_modules()  # while the interpreter's files are still readable
+                handed = prepare_state_directory(self.config)
+                if handed:
+                    log.info("%s", handed)
                 log.info(
                     "%s",
                     privileges.drop_privileges(
-                        self.config.user, self.config.group, kept_capabilities(self.config)
+                        self.config.user,
+                        self.config.group,
+                        kept_capabilities(self.config),
+                        inherited_capabilities(self.config),
                     ),
                 )
                 if not any(isinstance(f, LateImportWarning) for f in sys.meta_path):

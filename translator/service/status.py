@@ -75,6 +75,24 @@ def _by(samples: _Samples, name: str, label: str) -> dict[str, float]:
     return dict(sums)
 
 
+def _transparent_line(s: _Samples, size: float) -> str:
+    """The transparent front: the pool, DNS46's answers, intercepted flows."""
+    bound = _total(s, "socks64_transparent_pool_bound") or 0
+    answers = _by(s, "socks64_transparent_dns_answers_total", "answer")
+    flows = _by(s, "socks64_transparent_flows_total", "protocol")
+    active = _by(s, "socks64_transparent_flows_active", "protocol")
+    parts = [
+        f"{_num(bound)} of {_num(size)} pool addresses bound",
+        f"DNS46 {_num(answers.get('synthesized', 0))} synthesized, "
+        f"{_num(answers.get('forwarded', 0))} forwarded",
+        "flows "
+        + ", ".join(
+            f"{p} {_num(flows.get(p, 0))} ({_num(active.get(p, 0))} open)" for p in ("tcp", "udp")
+        ),
+    ]
+    return "transparent: " + "; ".join(parts)
+
+
 def summarize(text: str) -> str:
     """A few lines for a person; a metric the gateway does not export leaves its line out."""
     s = _index(text)
@@ -107,6 +125,10 @@ def summarize(text: str) -> str:
                 parts.append(f"{_num(value)} {what}")
         out.append("ADDRESS IDs: " + ", ".join(parts))
 
+    size = _total(s, "socks64_transparent_pool_size")
+    if size is not None:
+        out.append(_transparent_line(s, size))
+
     accepted = _total(s, "socks64_connections_accepted_total")
     rejected = _total(s, "socks64_connections_rejected_total")
     if accepted is not None or rejected is not None:
@@ -119,6 +141,9 @@ def summarize(text: str) -> str:
     for reason, count in _by(s, "socks64_connections_rejected_total", "reason").items():
         if count:
             refusals[f"rejected at accept: {reason}"] = count
+    for reason, count in _by(s, "socks64_transparent_refusals_total", "reason").items():
+        if count:
+            refusals[f"transparent: {reason}"] = count
     if refusals:
         out.append("top refusals:")
         top = sorted(refusals.items(), key=lambda item: (-item[1], item[0]))[:5]

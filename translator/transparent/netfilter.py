@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Network
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -74,8 +75,8 @@ class InterceptPlan:
             raise ValueError(f"fwmark {self.fwmark:#x} out of range 0x1-0xffffffff")
         if not 1 <= self.route_table <= 0xFFFFFFFF or self.route_table in RESERVED_TABLES:
             raise ValueError(f"route table {self.route_table} is reserved or out of range")
-        if not 1 <= self.rule_priority <= 32765:
-            raise ValueError(f"rule priority {self.rule_priority} out of range 1-32765")
+        if not 1 <= self.rule_priority <= 32764:  # and rule_priority + 1 for the second rule
+            raise ValueError(f"rule priority {self.rule_priority} out of range 1-32764")
         if not _TABLE_NAME.fullmatch(self.table):
             raise ValueError(f"invalid nft table name {self.table!r}")
 
@@ -91,8 +92,15 @@ class InterceptPlan:
         )
 
     @property
+    def local_rule_text(self) -> str:
+        return (
+            f"ip rule priority {self.rule_priority + 1} to {self.pool} iif lo "
+            f"lookup {self.route_table}"
+        )
+
+    @property
     def route_text(self) -> str:
-        return f"ip route local {self.pool} dev lo table {self.route_table}"
+        return f"ip route local {self.pool} dev lo table {self.route_table} src 127.0.0.1"
 
 
 def _valid_ifname(name: str) -> bool:
@@ -200,17 +208,43 @@ def _netlink_error(what: str, exc: Exception) -> InterceptionError:
     return InterceptionError(f"{what} failed{hint}: {exc}")
 
 
-def _our_rules(ipr: IPRoute, plan: InterceptPlan) -> int:
-    count = 0
-    for msg in ipr.get_rules(family=socket.AF_INET):
-        table = msg.get("FRA_TABLE") or msg["table"]
-        if (
-            msg.get("FRA_FWMARK") == plan.fwmark
-            and table == plan.route_table
-            and (msg.get("FRA_PRIORITY") or 0) == plan.rule_priority
-        ):
-            count += 1
-    return count
+def _rule_specs(plan: InterceptPlan) -> list[tuple[str, dict[str, Any]]]:
+    """Our two rules: intercepted packets (marked by the TPROXY rule) and packets programs
+    on this host send to the pool, which need a route before the output REDIRECT sees
+    them (an edge router with an IPv6-only uplink has no IPv4 default route)."""
+    base: dict[str, Any] = {"family": socket.AF_INET, "table": plan.route_table}
+    return [
+        (plan.rule_text, {**base, "fwmark": plan.fwmark, "priority": plan.rule_priority}),
+        (
+            plan.local_rule_text,
+            {
+                **base,
+                "dst": str(plan.pool.network_address),
+                "dst_len": plan.pool.prefixlen,
+                "iifname": "lo",
+                "priority": plan.rule_priority + 1,
+            },
+        ),
+    ]
+
+
+def _is_rule(msg: Any, args: dict[str, Any]) -> bool:
+    table = msg.get("FRA_TABLE") or msg["table"]
+    if table != args["table"] or (msg.get("FRA_PRIORITY") or 0) != args["priority"]:
+        return False
+    if "fwmark" in args:
+        return bool(msg.get("FRA_FWMARK") == args["fwmark"])
+    return bool(
+        msg.get("FRA_DST") == args["dst"]
+        and msg["dst_len"] == args["dst_len"]
+        and msg.get("FRA_IIFNAME") == "lo"
+    )
+
+
+def _our_rules(ipr: IPRoute, plan: InterceptPlan) -> list[str]:
+    """The text of each of our rules present now (a rule twice: twice)."""
+    messages = list(ipr.get_rules(family=socket.AF_INET))
+    return [text for text, args in _rule_specs(plan) for msg in messages if _is_rule(msg, args)]
 
 
 def _our_routes(ipr: IPRoute, plan: InterceptPlan) -> int:
@@ -227,25 +261,18 @@ def _our_routes(ipr: IPRoute, plan: InterceptPlan) -> int:
     return count
 
 
-def _rule_args(plan: InterceptPlan) -> dict[str, int]:
-    return {
-        "family": socket.AF_INET,
-        "fwmark": plan.fwmark,
-        "table": plan.route_table,
-        "priority": plan.rule_priority,
-    }
-
-
-def _delete_rules(ipr: IPRoute, plan: InterceptPlan) -> int:
-    removed = 0
-    for _ in range(_our_rules(ipr, plan)):
-        try:
-            ipr.rule("del", **_rule_args(plan))
-        except NetlinkError as exc:
-            if exc.code in (errno.ENOENT, errno.ESRCH):
-                break
-            raise _netlink_error(f"deleting {plan.rule_text}", exc) from exc
-        removed += 1
+def _delete_rules(ipr: IPRoute, plan: InterceptPlan) -> list[str]:
+    removed: list[str] = []
+    present = _our_rules(ipr, plan)
+    for text, args in _rule_specs(plan):
+        for _ in range(present.count(text)):
+            try:
+                ipr.rule("del", **args)
+            except NetlinkError as exc:
+                if exc.code in (errno.ENOENT, errno.ESRCH):
+                    break
+                raise _netlink_error(f"deleting {text}", exc) from exc
+            removed.append(text)
     return removed
 
 
@@ -276,7 +303,7 @@ def leftovers(plan: InterceptPlan) -> list[str]:
         found.append(plan.table_text)
     with _iproute() as ipr:
         try:
-            found += [plan.rule_text] * _our_rules(ipr, plan)
+            found += _our_rules(ipr, plan)
             found += [plan.route_text] * _our_routes(ipr, plan)
         except NetlinkError as exc:
             raise _netlink_error("listing rules and routes", exc) from exc
@@ -305,11 +332,12 @@ class Interception:
             _nft(["-f", "-"], ruleset)
             table_added = True
             with _iproute() as ipr:
-                try:
-                    ipr.rule("add", **_rule_args(plan))
-                except NetlinkError as exc:
-                    raise _netlink_error(f"adding {plan.rule_text}", exc) from exc
-                rule_added = True
+                for text, args in _rule_specs(plan):
+                    try:
+                        ipr.rule("add", **args)
+                    except NetlinkError as exc:
+                        raise _netlink_error(f"adding {text}", exc) from exc
+                    rule_added = True
                 try:
                     lo = ipr.link_lookup(ifname="lo")
                     if not lo:
@@ -322,13 +350,22 @@ class Interception:
                         table=plan.route_table,
                         oif=lo[0],
                         scope="host",
+                        # a local connect() takes the route's source; the pool address
+                        # itself is on no interface, and as a source it would fail
+                        prefsrc="127.0.0.1",
                     )
                 except NetlinkError as exc:
                     raise _netlink_error(f"adding {plan.route_text}", exc) from exc
         except InterceptionError:
             self._undo(table_added, rule_added)
             raise
-        log.info("installed %s, %s, %s", plan.table_text, plan.rule_text, plan.route_text)
+        log.info(
+            "installed %s, %s, %s, %s",
+            plan.table_text,
+            plan.rule_text,
+            plan.local_rule_text,
+            plan.route_text,
+        )
         return removed
 
     def _undo(self, table_added: bool, rule_added: bool) -> None:
@@ -355,7 +392,7 @@ class Interception:
             removed.append(plan.table_text)
         with _iproute() as ipr:
             try:
-                removed += [plan.rule_text] * _delete_rules(ipr, plan)
+                removed += _delete_rules(ipr, plan)
                 removed += [plan.route_text] * _delete_routes(ipr, plan)
             except NetlinkError as exc:
                 raise _netlink_error("listing rules and routes", exc) from exc

@@ -190,9 +190,13 @@ def wait_readable(sock: socket.socket) -> None:
 
 
 def state(lab: Lab) -> tuple[list[str], list[str], list[str]]:
-    """(inet tables, fwmark rules of 0x5364, routes of table 164) as seen from outside."""
+    """(inet tables, rules of 0x5364 or toward the pool, routes of table 164) from outside."""
     tables = [t.strip() for t in lab.nft(lab.gw, "list", "tables").splitlines() if t.strip()]
-    rules = [r.strip() for r in lab.ip(lab.gw, "rule").splitlines() if "0x5364" in r]
+    rules = [
+        r.strip()
+        for r in lab.ip(lab.gw, "rule").splitlines()
+        if "0x5364" in r or "198.18.0.0/15" in r
+    ]
     # iproute2 fails on a table that does not exist (any more): no routes.
     shown = run("ip", "-n", lab.gw, "route", "show", "table", "164", check=False)
     routes = [r.strip() for r in shown.splitlines()]
@@ -200,6 +204,7 @@ def state(lab: Lab) -> tuple[list[str], list[str], list[str]]:
 
 
 OURS_RULE = "16400:\tfrom all fwmark 0x5364 lookup 164"
+OURS_LOCAL_RULE = "16401:\tfrom all to 198.18.0.0/15 iif lo lookup 164"
 OURS_ROUTE = "local 198.18.0.0/15 dev lo"
 
 
@@ -252,20 +257,25 @@ def test_install_and_remove_touch_only_ours(lab: Lab) -> None:
         assert Interception(plan).install() == []
     assert leftovers(plan) == in_host
     with inside(gw):
-        assert sorted(leftovers(plan)) == sorted([plan.table_text, plan.rule_text, plan.route_text])
+        assert sorted(leftovers(plan)) == sorted(
+            [plan.table_text, plan.rule_text, plan.local_rule_text, plan.route_text]
+        )
     listing = lab.nft(gw, "list", "table", "inet", "socks64")
     assert "tproxy ip to 127.0.0.1:40000 meta mark set 0x00005364 accept" in listing
     assert "socket transparent 1" in listing
     assert "redirect to :40000" in listing
     tables, rules, routes = state(lab)
     assert tables == ["table inet foreign", "table inet socks64"]
-    assert OURS_RULE in rules and "16401:\tfrom all fwmark 0x5364 lookup 165" in rules
+    assert OURS_RULE in rules and OURS_LOCAL_RULE in rules
+    assert "16401:\tfrom all fwmark 0x5364 lookup 165" in rules
     assert any(r.startswith(OURS_ROUTE) for r in routes)
     assert lab.sysctl(gw, "net.ipv4.ip_forward") == "0"
 
     with inside(gw):
         removed = Interception(plan).remove()
-        assert sorted(removed) == sorted([plan.table_text, plan.rule_text, plan.route_text])
+        assert sorted(removed) == sorted(
+            [plan.table_text, plan.rule_text, plan.local_rule_text, plan.route_text]
+        )
         assert Interception(plan).remove() == []
         assert leftovers(plan) == []
     tables, rules, routes = state(lab)
@@ -282,13 +292,15 @@ def test_crash_recovery(lab: Lab) -> None:
         Interception(plan).install()
         # The process died here; the next start finds and replaces what it left.
         removed = Interception(plan).install()
-    assert sorted(removed) == sorted([plan.table_text, plan.rule_text, plan.route_text])
+    assert sorted(removed) == sorted(
+        [plan.table_text, plan.rule_text, plan.local_rule_text, plan.route_text]
+    )
     tables, rules, routes = state(lab)
     assert tables == ["table inet socks64"]
-    assert rules == [OURS_RULE]
+    assert rules == [OURS_RULE, OURS_LOCAL_RULE]
     assert len(routes) == 1 and routes[0].startswith(OURS_ROUTE)
     with inside(lab.gw):
-        assert len(Interception(plan).remove()) == 3
+        assert len(Interception(plan).remove()) == 4
     assert state(lab) == ([], [], [])
 
 

@@ -6,7 +6,7 @@ import asyncio
 import io
 import socket
 
-from translator.metrics import Metrics, table_metrics, udp_metrics
+from translator.metrics import Metrics, table_metrics, transparent_metrics, udp_metrics
 from translator.net.exporter import MetricsServer
 from translator.service.status import human_bytes, main, summarize
 
@@ -134,3 +134,24 @@ def test_main_on_an_unreachable_url() -> None:
     assert out.getvalue() == ""
     assert err.getvalue().startswith(f"socks64 status: cannot reach {url}: ")
     assert "refused" in err.getvalue().lower()
+
+
+def test_the_transparent_front_has_its_line_and_its_refusals() -> None:
+    m = Metrics(process=False)
+    m.add_source(
+        lambda: transparent_metrics(
+            answers={"synthesized": 4, "forwarded": 9},
+            flows={("tcp", "ipv6"): 3, ("udp", "ipv6"): 1},
+            refusals={("tcp", "unbound"): 2},
+            active={"tcp": 1, "udp": 0},
+            bound=2,
+            quarantined=0,
+            size=131070,
+        )
+    )
+    lines = summarize(m.render().decode()).splitlines()
+    assert (
+        "transparent: 2 of 131070 pool addresses bound; DNS46 4 synthesized, 9 forwarded; "
+        "flows tcp 3 (1 open), udp 1 (0 open)"
+    ) in lines
+    assert lines[lines.index("top refusals:") + 1].split(None, 1) == ["2", "transparent: unbound"]
