@@ -33,6 +33,18 @@ SERVICE_ORDER = {"dnsmasq": 0, "testserver": 1, "socks64": 2}
 SERVICE_READY_TIMEOUT = 20.0
 
 
+#: ``ip netns exec NS`` bind-mounts files of /etc/netns/NS over /etc (resolv.conf here)
+NETNS_ETC = Path("/etc/netns")
+
+
+def write_resolv_conf(namespace: str, nameservers: list[str]) -> None:
+    """The resolv.conf programs in ``namespace`` see (through ``ip netns exec``)."""
+    directory = NETNS_ETC / namespace
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [f"nameserver {server}" for server in nameservers]
+    (directory / "resolv.conf").write_text("\n".join([*lines, "options timeout:2 attempts:1", ""]))
+
+
 class LabError(RuntimeError):
     """The lab could not be built or driven as asked."""
 
@@ -213,6 +225,8 @@ class Lab:
             self.state.save()
             netlink.write_sysctls(ns, node_sysctls(node))
             netlink.configure_interface(ns, "lo", node.loopback)
+            if node.nameservers:
+                write_resolv_conf(ns, [str(a) for a in node.nameservers])
         for link in topo.links:
             netlink.add_veth(
                 self.namespace(link.a.node),
@@ -409,6 +423,7 @@ def teardown_state(state: LabState, clock: Clock | None = None) -> TeardownRepor
         for ns in state.namespaces.values():
             if netlink.remove_namespace(ns):
                 report.namespaces_removed += 1
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
         report.leftovers = find_leftovers(state)
         if not report.leftovers:
             shutil.rmtree(state.directory, ignore_errors=True)
@@ -429,6 +444,9 @@ def find_leftovers(state: LabState) -> list[str]:
             found.extend(f"pid {pid} in {ns}" for pid in netlink.pids_in_namespace(inode))
     found.extend(
         f"process {p.pid} ({p.node}/{p.name})" for p in state.processes if procs.is_running(p)
+    )
+    found.extend(
+        f"{NETNS_ETC / ns}" for ns in state.namespaces.values() if (NETNS_ETC / ns).exists()
     )
     # veths are created inside the lab's namespaces and never exist in the host's; check.
     host_links = _host_ifnames()

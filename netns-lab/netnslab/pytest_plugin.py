@@ -41,6 +41,7 @@ __all__ = [
     "run_lab_scenario",
     "s4",
     "s6",
+    "transparent_lab",
 ]
 
 
@@ -135,6 +136,24 @@ def chain_lab() -> Iterator[Lab]:
     require_lab()
     _terminate_as_interrupt()
     built = Lab.up("chain", tolerate_service_failures=True, teardown_at_exit=True)
+    try:
+        yield built
+    finally:
+        report = built.teardown()
+        assert not report.leftovers, f"lab teardown left {report.leftovers}"
+
+
+@pytest.fixture(scope="session")
+def transparent_lab() -> Iterator[Lab]:
+    """The transparent topology (DNS46 and TPROXY on the gateway), built on first use."""
+    require_lab()
+    if shutil.which("nft") is None and not os.path.exists("/usr/sbin/nft"):
+        message = "the transparent lab needs nft (apt-get install nftables)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"lab test cannot run under CI: {message}", pytrace=False)
+        pytest.skip(message)
+    _terminate_as_interrupt()
+    built = Lab.up("transparent", teardown_at_exit=True)
     try:
         yield built
     finally:

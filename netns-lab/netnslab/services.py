@@ -149,7 +149,15 @@ def gateway_argv(service: Service, config_path: Path) -> list[str]:
 def write_gateway_config(service: Service, state_dir: Path) -> Path:
     """Write the gateway's config file into the lab's state directory and return its path."""
     path = state_dir / f"{service.name}.yaml"
-    path.write_text(yaml.safe_dump(gateway_config(service), sort_keys=False), encoding="utf-8")
+    config = gateway_config(service)
+    transparent = config.get("transparent")
+    if isinstance(transparent, dict) and "state_file" not in transparent:
+        # the lab's own directory, removed with the lab (never /var/lib of the host)
+        config["transparent"] = {
+            **transparent,
+            "state_file": str(state_dir / f"{service.name}.transparent.state"),
+        }
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
 

@@ -78,6 +78,8 @@ class Node:
     loopback: tuple[IPInterface, ...] = ()
     routes: tuple[Route, ...] = ()
     services: tuple[Service, ...] = ()
+    #: the node's resolv.conf (``ip netns exec`` mounts /etc/netns/NS/resolv.conf); () = the host's
+    nameservers: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,16 @@ def _parse_node(name: str, spec: Any) -> Node:
             f"node name {name!r}: use 1-10 lower-case letters or digits, starting with a letter"
         )
     doc = _mapping(spec if spec is not None else {}, f"node {name}")
-    allowed = {"description", "ipv4", "ipv6", "forwarding", "loopback", "routes", "services"}
+    allowed = {
+        "description",
+        "ipv4",
+        "ipv6",
+        "forwarding",
+        "loopback",
+        "routes",
+        "services",
+        "nameservers",
+    }
     _reject_unknown(doc, allowed, f"node {name}")
     routes = tuple(_parse_route(name, r) for r in doc.get("routes") or [])
     services = tuple(
@@ -236,6 +247,9 @@ def _parse_node(name: str, spec: Any) -> Node:
         loopback=tuple(_interface(a, f"node {name}: loopback") for a in doc.get("loopback") or []),
         routes=routes,
         services=services,
+        nameservers=tuple(
+            _address(a, f"node {name}: nameservers") for a in doc.get("nameservers") or []
+        ),
     )
 
 
