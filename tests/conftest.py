@@ -134,21 +134,31 @@ class RunningGateway:
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]
 
 
-@pytest.fixture
-async def make_gateway(dns: DnsServer) -> AsyncIterator[GatewayFactory]:
-    """``await make_gateway(**config overrides)`` -> a started gateway, closed at teardown."""
+@contextlib.asynccontextmanager
+async def gateways_on(dns: DnsServer, **defaults: Any) -> AsyncIterator[GatewayFactory]:
+    """A factory of started gateways resolving through ``dns`` (config ``defaults``, then
+    each call's overrides); every one is closed on leaving, with no session left."""
     started: list[Gateway] = []
 
     async def make(**overrides: Any) -> RunningGateway:
-        gateway = Gateway(gateway_config(dns, **overrides))
+        gateway = Gateway(gateway_config(dns, **{**defaults, **overrides}))
         await gateway.start()
         started.append(gateway)
         return RunningGateway(gateway)
 
-    yield make
-    for gateway in started:
-        await gateway.close()
-        assert gateway.active_sessions == 0
+    try:
+        yield make
+    finally:
+        for gateway in started:
+            await gateway.close()
+            assert gateway.active_sessions == 0
+
+
+@pytest.fixture
+async def make_gateway(dns: DnsServer) -> AsyncIterator[GatewayFactory]:
+    """``await make_gateway(**config overrides)`` -> a started gateway, closed at teardown."""
+    async with gateways_on(dns) as make:
+        yield make
 
 
 @pytest.fixture

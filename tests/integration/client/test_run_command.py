@@ -17,16 +17,14 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import HTTP_BODY, RunningGateway, gateway_config, need_tool
+from tests.conftest import HTTP_BODY, RunningGateway, gateways_on, need_tool
 from tests.dnsserver import DnsServer, ipv6_loopback_available
 from tests.integration.service.gateway_process import LOOPBACK, ROOT, allow_loopback, free_port
 from translator.auth import hash_password
 from translator.client.proxychains import RunError, render_config, resolve_gateway
-from translator.gateway.server import Gateway
 
 SOCKS64_RUN = [sys.executable, "-m", "translator.cli", "run"]
 NAME = "v6only.test"
@@ -50,19 +48,9 @@ StartGateway = Callable[..., Awaitable[RunningGateway]]
 async def start_gateway(v6dns: DnsServer) -> AsyncIterator[StartGateway]:
     """``await start_gateway(**config overrides)``: a gateway resolving only through
     ``v6dns``, allowing loopback clients to loopback destinations only."""
-    started: list[Gateway] = []
-
-    async def start(**overrides: Any) -> RunningGateway:
-        overrides.setdefault("policy", {"default": "deny", "rules": [allow_loopback()]})
-        gateway = Gateway(gateway_config(v6dns, **overrides))
-        await gateway.start()
-        started.append(gateway)
-        return RunningGateway(gateway)
-
-    yield start
-    for gateway in started:
-        await gateway.close()
-        assert gateway.active_sessions == 0
+    policy = {"default": "deny", "rules": [allow_loopback()]}
+    async with gateways_on(v6dns, policy=policy) as start:
+        yield start
 
 
 @pytest.fixture
