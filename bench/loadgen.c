@@ -6,6 +6,7 @@
  * Every client mode prints one JSON line on stdout, including its own CPU time.
  *
  *   loadgen serve    [--echo-port P] [--sink-port P] [--session-port P] [-s BYTES] [--lifetime S]
+ *                    [--bind ADDR]
  *   loadgen sessions [--proxy A:P] --target SESSION-PORT [-c N] [-t SEC] [-n MAX] [-s BYTES]
  *   loadgen bulk     [--proxy A:P] --target A:P [--streams N] [--bytes N] [-t SEC]
  *   loadgen udp      [--proxy A:P] [--count N] [--size N] [--window N] [--rate N] [-t SEC]
@@ -16,7 +17,9 @@
  * like an HTTP/1.0 server: the server side closes first, so TIME_WAIT stays on the servers'
  * listening ports instead of filling the client's and the proxy's ephemeral port ranges
  * (15 s of sessions at 10,000/s would exhaust them).  The sink port reads an 8-byte
- * big-endian length, discards that many bytes and answers one byte 'K'.  IPv4 only.
+ * big-endian length, discards that many bytes and answers one byte 'K'.  IPv4 only, except
+ * that serve --bind (default 127.0.0.1) also takes an IPv6 literal: "::" listens on both
+ * families (IPV6_V6ONLY off), for a server in an IPv6-only network namespace.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -180,6 +183,7 @@ struct options {
     long max_sessions, count, rate, window;
     long long bytes;
     double seconds, lifetime;
+    const char *bind;
 };
 
 static void parse_options(int argc, char **argv, struct options *o) {
@@ -193,6 +197,7 @@ static void parse_options(int argc, char **argv, struct options *o) {
     o->bytes = 1LL << 31;
     o->seconds = 10;
     o->lifetime = 3600;
+    o->bind = "127.0.0.1";
     for (int i = 2; i < argc; i++) {
         const char *key = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!val) {
@@ -220,6 +225,7 @@ static void parse_options(int argc, char **argv, struct options *o) {
         else if (!strcmp(key, "--sink-port")) o->sink_port = atoi(val);
         else if (!strcmp(key, "--session-port")) o->session_port = atoi(val);
         else if (!strcmp(key, "--lifetime")) o->lifetime = atof(val);
+        else if (!strcmp(key, "--bind")) o->bind = val;
         else goto bad;
         continue;
     bad:
@@ -250,21 +256,31 @@ struct fdinfo {
     uint64_t remaining;
 };
 
-static int listen_on(int port) {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+static int listen_on(const char *host, int port) {
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) || listen(fd, 4096)) die("listen");
+    struct sockaddr_in6 sa6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)port)};
+    int v6 = strchr(host, ':') != NULL;
+    if (v6 ? inet_pton(AF_INET6, host, &sa6.sin6_addr) != 1
+           : inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
+        fprintf(stderr, "loadgen: bad --bind address %s\n", host);
+        exit(2);
+    }
+    int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    int one = 1, zero = 0;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (v6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    int bad = v6 ? bind(fd, (struct sockaddr *)&sa6, sizeof sa6)
+                 : bind(fd, (struct sockaddr *)&sa, sizeof sa);
+    if (bad || listen(fd, 4096)) die("listen");
     return fd;
 }
 
 static int bound_port(int fd) {
-    struct sockaddr_in sa;
-    socklen_t len = sizeof sa;
-    getsockname(fd, (struct sockaddr *)&sa, &len);
-    return ntohs(sa.sin_port);
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    getsockname(fd, (struct sockaddr *)&ss, &len);
+    return ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                          : ((struct sockaddr_in *)&ss)->sin_port);
 }
 
 static void sink_readable(int fd, struct fdinfo *info, int *closed) {
@@ -332,8 +348,8 @@ static void echo_readable(int fd, struct fdinfo *info, uint64_t limit, int *clos
 static int cmd_serve(const struct options *o) {
     static struct fdinfo infos[MAX_FDS];
     int ep = epoll_create1(0);
-    int echo_fd = listen_on(o->echo_port), sink_fd = listen_on(o->sink_port);
-    int session_fd = listen_on(o->session_port);
+    int echo_fd = listen_on(o->bind, o->echo_port), sink_fd = listen_on(o->bind, o->sink_port);
+    int session_fd = listen_on(o->bind, o->session_port);
     infos[echo_fd].kind = FD_ECHO_LISTEN;
     infos[sink_fd].kind = FD_SINK_LISTEN;
     infos[session_fd].kind = FD_SESSION_LISTEN;
