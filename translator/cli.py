@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -188,6 +189,17 @@ def config_warnings(config: Config) -> list[str]:
             "transparent.dns_listen without transparent.interfaces: DNS46 answers pool "
             "addresses that only SOCKS clients can use (nothing is intercepted)"
         )
+    if transparent.enabled:
+        from .transparent.front import local_ipv4_networks
+        from .transparent.settings import pool_conflicts
+
+        with contextlib.suppress(OSError, ImportError):
+            conflicts = pool_conflicts(transparent.pool, local_ipv4_networks())
+            if conflicts:
+                warnings.append(
+                    f"transparent.pool {transparent.pool} overlaps local network(s) "
+                    f"{', '.join(conflicts)}: the gateway will refuse to start"
+                )
     capacity = capacity_warning(config.limits.max_clients, hard)
     if capacity:
         warnings.append(capacity)

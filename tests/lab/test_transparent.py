@@ -184,9 +184,11 @@ def test_a_denied_client_gets_refused_and_is_logged(transparent_lab: Lab) -> Non
     assert code != 0  # REFUSED: no address at all
     code, _, err = _run(lab, "c4x", "curl", "-sS", "--max-time", "5", f"http://{address}:8080/")
     assert code != 0 and re.search(r"reset|Empty reply|connect to server", err), err
-    assert poll_until(
+    assert poll_until(  # one line, the access line, with the client and the reason
         lambda: re.search(
-            r"192\.0\.2\.130:\d+: transparent tcp refused \(policy\)", _gateway_log(lab)
+            r"192\.0\.2\.130:\d+: user=- TRANSPARENT_TCP \S+ -> - ipv4 .* refused REP 2 "
+            r"NOT_ALLOWED: no rule allows the transparent path for this client \(policy\)",
+            _gateway_log(lab),
         ),
         timeout=5,
         interval=0.1,

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from translator.gateway.context import RequestContext, Services
 from translator.gateway.replies import REFUSALS, describe, rep_for
 from translator.gateway.udp import association_deps
 from translator.net.addresses import IPAddress, unmapped
+from translator.ratelog import RateLimitedLog
 from translator.relay.tcp import RelayStats, relay
 from translator.relay.udp import UdpAssociation, UdpStats
 from translator.wire import Rep, UdpDatagram
@@ -48,6 +50,7 @@ _REPLY_SOCKETS = 1024  # (pool address, port) reply sockets kept open, least rec
 # as a closed port; administratively prohibited (EHOSTUNREACH) for a policy refusal.
 _ICMP_PORT_UNREACHABLE = 3
 _ICMP_PROHIBITED = 13
+_ICMP_PER_SECOND = 100  # our ICMP errors are not rate-limited by the kernel: do it here
 _REASONS = {
     Rep.NOT_ALLOWED: "policy",
     Rep.HOST_UNREACHABLE: "unreachable",
@@ -100,14 +103,37 @@ class Interceptor:
         self._replies: OrderedDict[tuple[IPv4Address, int], socket.socket] = OrderedDict()
         self._udp_listener: socket.socket | None = None
         self.icmp = sockets.IcmpSender()
+        self._icmp_second = 0
+        self._icmp_sent = 0
+        self._udp_refusal_log = RateLimitedLog(level=logging.INFO)
+        self._limit_log = RateLimitedLog()
 
     @property
     def active(self) -> dict[str, int]:
         return {"tcp": len(self.tcp_tasks), "udp": len(self.udp_flows)}
 
-    def _refuse(self, protocol: str, client: str, reason: str, message: str) -> None:
-        self.counters.refusals[(protocol, reason)] += 1
-        log.info("%s: transparent %s refused (%s): %s", client, protocol, reason, message)
+    def _refuse_udp(
+        self, client: tuple[str, int], destination: tuple[IPv4Address, int], size: int, exc: Refused
+    ) -> None:
+        """Count, tell the client (ICMP, at most ``_ICMP_PER_SECOND``), and log, rate-limited:
+        a refused datagram has no session whose access line could carry it."""
+        self.counters.refusals[("udp", exc.reason)] += 1
+        second = int(time.monotonic())
+        if second != self._icmp_second:
+            self._icmp_second, self._icmp_sent = second, 0
+        if self._icmp_sent < _ICMP_PER_SECOND:
+            self._icmp_sent += 1
+            self.icmp.unreachable(client, destination, size, exc.icmp_code)
+        self._udp_refusal_log(
+            log,
+            "%s:%d: transparent udp to %s:%d refused (%s): %s",
+            client[0],
+            client[1],
+            destination[0],
+            destination[1],
+            exc.reason,
+            exc,
+        )
 
     # -- TCP ----------------------------------------------------------------------------
 
@@ -115,7 +141,8 @@ class Interceptor:
         services = self._services()
         if len(self.tcp_tasks) >= services.config.limits.max_clients:
             _reset(sock)
-            self._refuse("tcp", str(peer[0]), "limit", "limits.max_clients reached")
+            self.counters.refusals[("tcp", "limit")] += 1
+            self._limit_log(log, "resetting a flow from %s: limits.max_clients reached", peer[0])
             return
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -139,7 +166,7 @@ class Interceptor:
         record.requested = f"{destination}:{port}"
         token: int | None = None
         try:
-            name, token = self._admit(ctx, destination, "tcp")
+            name, token = self._admit(ctx, destination)
             record.requested = f"{name}:{port} ({destination})"
             try:
                 target = await ctx.destination(name, port, pol.Command.TRANSPARENT)
@@ -149,11 +176,10 @@ class Interceptor:
                 raise Refused(_REASONS.get(rep, "error"), describe(exc)) from None
             await self._relay_tcp(services, record, sock, outbound)
         except Refused as exc:
-            _reset(sock)
-            record.refused(
-                Rep.NOT_ALLOWED if exc.reason == "policy" else Rep.GENERAL_FAILURE, str(exc)
-            )
-            self._refuse("tcp", ctx.label, exc.reason, str(exc))
+            _reset(sock)  # the access line below is the one log line of it
+            rep = Rep.NOT_ALLOWED if exc.reason == "policy" else Rep.GENERAL_FAILURE
+            record.refused(rep, f"{exc} ({exc.reason})")
+            self.counters.refusals[("tcp", exc.reason)] += 1
         except asyncio.CancelledError:
             record.end = "stopped"
             raise
@@ -167,9 +193,7 @@ class Interceptor:
             ctx.unpin_all()
             record.finish()
 
-    def _admit(
-        self, ctx: RequestContext, destination: IPv4Address, protocol: str
-    ) -> tuple[str, int]:
+    def _admit(self, ctx: RequestContext, destination: IPv4Address) -> tuple[str, int]:
         """The name behind ``destination`` and a pin on it, or Refused."""
         if not ctx.config.policy.may_allow(
             client=ctx.client_ip, user=None, command=pol.Command.TRANSPARENT
@@ -240,26 +264,31 @@ class Interceptor:
         self, data: bytes, client: tuple[str, int], destination: IPv4Address, port: int
     ) -> None:
         flow = self.udp_flows.get(client)
-        try:
-            if flow is None:
-                flow = self._new_udp_flow(client)
-            name = flow.names.get(destination)
-            if name is None:
-                name = flow.adopt(destination, self._admit(flow.ctx, destination, "udp"))
-        except Refused as exc:
-            self.icmp.unreachable(client, (destination, port), len(data), exc.icmp_code)
-            self._refuse("udp", f"{client[0]}:{client[1]}", exc.reason, str(exc))
-            return
+        name = None if flow is None else flow.names.get(destination)
+        if name is None:
+            try:
+                name = self._adopt(flow, client, destination)
+            except Refused as exc:
+                self._refuse_udp(client, (destination, port), len(data), exc)
+                return
+            flow = self.udp_flows[client]
+        assert flow is not None
         flow.client_datagram(UdpDatagram(name, port, data))
 
-    def _new_udp_flow(self, client: tuple[str, int]) -> TransparentUdpFlow:
+    def _adopt(
+        self, flow: TransparentUdpFlow | None, client: tuple[str, int], destination: IPv4Address
+    ) -> str:
+        """A new destination of a client endpoint, admitted (a flow is made for the first):
+        nothing is kept for a datagram that is refused."""
+        if flow is not None:
+            return flow.adopt(destination, self._admit(flow.ctx, destination))
         services = self._services()
         if len(self.udp_flows) >= services.config.limits.max_clients:
             raise Refused("limit", "limits.max_clients reached")
         ctx = RequestContext(services, _client_ip(client[0]), client[1], _client_ip(client[0]))
-        flow = TransparentUdpFlow(self, ctx)
-        self.udp_flows[client] = flow
-        return flow
+        admitted = self._admit(ctx, destination)
+        flow = self.udp_flows[client] = TransparentUdpFlow(self, ctx)
+        return flow.adopt(destination, admitted)
 
     def reply_socket(self, source: IPv4Address, port: int) -> socket.socket:
         """A socket that sends from ``source``:``port`` (a pool address), kept for reuse."""
