@@ -97,6 +97,8 @@ def test_no_import_cycle() -> None:
         ("translator.client", ("translator.gateway", "translator.relay", "translator.net")),
         # the service layer (runner, notify, privileges) sits above the gateway
         ("translator.gateway", ("translator.service", "translator.cli")),
+        # the transparent front builds on the gateway's context and relays, below the service
+        ("translator.transparent", ("translator.service", "translator.cli", "translator.client")),
         ("translator.metrics", ("translator.", "addrmap")),  # names and exposition only
     ],
 )
