@@ -183,6 +183,19 @@ class RequestContext:
             return self._pool_name(pool, target), None
         return target, None
 
+    def _outside_pool(self, name: str, addresses: list[IPAddress]) -> list[IPAddress]:
+        """A name that resolves into the pool (the upstream resolver is DNS46 itself, or
+        hands out the same range) would send the gateway into its own interception."""
+        pool = self.services.pool
+        if pool is None:
+            return addresses
+        outside = [a for a in addresses if a not in pool]
+        if not outside:
+            raise GatewayError(
+                Rep.HOST_UNREACHABLE, f"{name} resolves into the pool {pool.network} (a DNS loop?)"
+            )
+        return outside
+
     @staticmethod
     def _pool_name(pool: FakeIpPool, address: Target) -> str:
         """A pool address stands for the name it is bound to; it is never dialled itself
@@ -253,7 +266,7 @@ class RequestContext:
         candidates: list[IPAddress]
         if isinstance(target, str):
             name = target
-            candidates = await self.services.resolver.resolve(name)
+            candidates = self._outside_pool(name, await self.services.resolver.resolve(name))
         else:
             candidates = [target]
         allowed: list[IPAddress] = []

@@ -480,6 +480,9 @@ class UdpAssociation:
                 return
             finally:
                 self._pending_bytes -= len(payload)
+            pool = self.deps.pool
+            if pool is not None:  # never into the pool: it would loop (see context.py)
+                addresses = [a for a in addresses if a not in pool]
             ordered = self.deps.order(addresses)
             self._names.put(name, ordered)
             self._send_to_any(ordered, port, payload, named_as, name)

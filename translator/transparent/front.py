@@ -115,6 +115,12 @@ class TransparentFront:
         upstreams = [parse_nameserver(text) for text in config.resolver.nameservers]
         if not upstreams:
             upstreams = _system_nameservers()
+        loops = set(upstreams) & set(self.settings.dns_listen)
+        if loops:
+            raise TransparentError(
+                f"resolver.nameservers names DNS46 itself ({', '.join(map(_show, loops))}): "
+                "DNS46 forwards to the nameservers, so they must be real resolvers"
+            )
         if not upstreams:
             raise TransparentError(
                 "transparent.dns_listen needs upstream servers: set resolver.nameservers "

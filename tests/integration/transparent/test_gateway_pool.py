@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,12 @@ import dns.message
 import dns.rdatatype
 import pytest
 
-from tests.conftest import GatewayFactory, RunningGateway
+from tests.conftest import GatewayFactory, RunningGateway, gateway_config, gateways_on
+from tests.dnsserver import DnsServer
+from tests.integration.service.gateway_process import free_port
 from translator.client.socks import SocksClient, SocksReplyError
+from translator.gateway.server import Gateway
+from translator.transparent.front import TransparentError
 from translator.wire import AddressId, Atyp, Rep
 
 POOL = IPv4Network("198.18.0.0/15")
@@ -123,3 +128,39 @@ async def test_the_metrics_show_the_transparent_path(
     assert 'socks64_transparent_dns_answers_total{answer="forwarded"} 1.0' in text
     assert "socks64_transparent_pool_bound 1.0" in text
     assert "socks64_transparent_pool_size 131070.0" in text
+
+
+async def test_the_gateway_never_dials_into_its_own_pool(
+    dns_server_factory: Callable[..., DnsServer], tmp_path: Path
+) -> None:
+    # An upstream that hands out pool addresses (or is DNS46 itself) must not send the
+    # gateway into its own interception: REP X'04', never a packet to the pool.
+    zone = dns_server_factory(a={"loop.test": "198.18.0.9"}, aaaa={"v6.test": "::1"})
+    loopback_only = {
+        "rules": [
+            {
+                "action": "allow",
+                "clients": ["127.0.0.0/8", "::1/128"],
+                "destinations": ["127.0.0.0/8", "::1/128"],
+            }
+        ]
+    }
+    async with gateways_on(zone, policy=loopback_only) as make:
+        running = await make(**transparent(tmp_path))
+        async with await SocksClient.open("127.0.0.1", running.v4.port) as client:
+            with pytest.raises(SocksReplyError) as caught:
+                await client.connect("loop.test", 80)
+        assert caught.value.rep == Rep.HOST_UNREACHABLE
+
+
+async def test_dns46_refuses_itself_as_its_upstream(dns: DnsServer, tmp_path: Path) -> None:
+    port = free_port()
+    config = gateway_config(
+        dns,
+        resolver={"nameservers": [f"127.0.0.1:{port}"]},
+        **transparent(tmp_path, dns_listen=[f"127.0.0.1:{port}"]),
+    )
+    gateway = Gateway(config)
+    with pytest.raises(TransparentError, match="names DNS46 itself"):
+        await gateway.start()
+    assert gateway.transparent is None or gateway.transparent.dns is None
