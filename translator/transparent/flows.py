@@ -70,12 +70,20 @@ class FlowCounters:
 
 
 class Refused(Exception):
-    """An intercepted flow is not served; ``reason`` is the metrics label."""
+    """An intercepted flow is not served; ``reason`` is the metrics label, ``rep`` the reply
+    code a SOCKS client would have got (it goes into the access line)."""
 
-    def __init__(self, reason: str, message: str, icmp_code: int = _ICMP_PROHIBITED) -> None:
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        icmp_code: int = _ICMP_PROHIBITED,
+        rep: Rep = Rep.NOT_ALLOWED,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.icmp_code = icmp_code
+        self.rep = rep
 
 
 def _reset(sock: socket.socket) -> None:
@@ -173,12 +181,11 @@ class Interceptor:
                 outbound = await services.connect(target.addresses, port)
             except REFUSALS as exc:
                 rep = rep_for(exc)
-                raise Refused(_REASONS.get(rep, "error"), describe(exc)) from None
+                raise Refused(_REASONS.get(rep, "error"), describe(exc), rep=rep) from None
             await self._relay_tcp(services, record, sock, outbound)
         except Refused as exc:
             _reset(sock)  # the access line below is the one log line of it
-            rep = Rep.NOT_ALLOWED if exc.reason == "policy" else Rep.GENERAL_FAILURE
-            record.refused(rep, f"{exc} ({exc.reason})")
+            record.refused(exc.rep, f"{exc} ({exc.reason})")
             self.counters.refusals[("tcp", exc.reason)] += 1
         except asyncio.CancelledError:
             record.end = "stopped"
@@ -203,7 +210,10 @@ class Interceptor:
         name = None if token is None else self.pool.name_of(destination)
         if token is None or name is None:
             raise Refused(
-                "unbound", f"pool address {destination} is not bound", _ICMP_PORT_UNREACHABLE
+                "unbound",
+                f"pool address {destination} is not bound",
+                _ICMP_PORT_UNREACHABLE,
+                Rep.HOST_UNREACHABLE,
             )
         return name, token
 
@@ -284,7 +294,7 @@ class Interceptor:
             return flow.adopt(destination, self._admit(flow.ctx, destination))
         services = self._services()
         if len(self.udp_flows) >= services.config.limits.max_clients:
-            raise Refused("limit", "limits.max_clients reached")
+            raise Refused("limit", "limits.max_clients reached", rep=Rep.GENERAL_FAILURE)
         ctx = RequestContext(services, _client_ip(client[0]), client[1], _client_ip(client[0]))
         admitted = self._admit(ctx, destination)
         flow = self.udp_flows[client] = TransparentUdpFlow(self, ctx)
