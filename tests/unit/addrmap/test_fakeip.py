@@ -17,14 +17,7 @@ from addrmap import (
     PoolExhausted,
     PoolSnapshot,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.fakes import FakeClock
 
 
 def make(
@@ -33,8 +26,8 @@ def make(
     ttl: float = 60,
     quarantine: float = 300,
     capacity: int = 1000,
-) -> tuple[Clock, AddressTable, FakeIpPool]:
-    clock = Clock()
+) -> tuple[FakeClock, AddressTable, FakeIpPool]:
+    clock = FakeClock()
     table = AddressTable(
         clock=clock,
         ttl=ttl,
@@ -54,7 +47,7 @@ def test_a_name_keeps_its_address_while_bound_and_is_case_blind() -> None:
     assert pool.bind("other.example") == IPv4Address("198.18.0.2")
     assert pool.name_of(first) == "v6only.example"
     assert pool.address_of("v6only.example") == first
-    assert first in pool and IPv4Address("10.0.0.1") not in pool
+    assert first in pool and IPv4Address("192.0.2.1") not in pool
 
 
 def test_each_address_is_an_alias_of_an_id_of_the_pool_owner() -> None:
@@ -158,7 +151,7 @@ def test_restore_skips_what_does_not_fit() -> None:
             Binding(IPv4Address("198.18.0.5"), "a.example"),
             Binding(IPv4Address("198.18.0.6"), "a.example"),  # a name twice
             Binding(IPv4Address("198.18.0.5"), "b.example"),  # an address twice
-            Binding(IPv4Address("10.1.2.3"), "c.example"),  # outside the pool
+            Binding(IPv4Address("203.0.113.3"), "c.example"),  # outside the pool
         ),
         (),
     )

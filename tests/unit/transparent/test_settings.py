@@ -48,7 +48,7 @@ def test_a_full_section() -> None:
         ({"pool": "239.1.0.0/16"}, "transparent.pool", "multicast"),
         ({"pool": "2001:db8::/64"}, "transparent.pool", "IPv4"),
         ({"pool": "198.18.0.1/15"}, "transparent.pool", "not a network"),
-        ({"pool": "10.0.0.0/31"}, "transparent.pool", "/30"),
+        ({"pool": "198.51.100.0/31"}, "transparent.pool", "/30"),
         ({"synthesize": "sometimes"}, "transparent.synthesize", "missing-a, always"),
         ({"denied_answer": "nxdomain"}, "transparent.denied_answer", "refused, real"),
         ({"interfaces": "eth0"}, "transparent.interfaces", "list"),
