@@ -24,6 +24,7 @@ import pytest
 from netnslab import driver
 from netnslab.lab import Lab
 from netnslab.scenarios import run_scenario
+from netnslab.timing import poll_until
 
 REQUIRED_PROGRAMS = ("ip", "dnsmasq", "curl", "ncat", "ss")
 
@@ -42,7 +43,26 @@ __all__ = [
     "s4",
     "s6",
     "transparent_lab",
+    "wait_for_interception",
 ]
+
+INTERCEPTING = "intercepting TCP and UDP to"
+
+
+def wait_for_interception(lab: Lab, node: str = "gw", seen: int = 0) -> None:
+    """Wait until the gateway in ``node`` has logged its interception more than ``seen``
+    times. The lab's readiness probe is a TCP connect, which the kernel accepts as soon as
+    the SOCKS listener exists, before the transparent front has installed its rules."""
+
+    def count() -> int:
+        proc = lab.service_process(node, "gateway")
+        if proc is None or not os.path.exists(proc.log):
+            return 0
+        with open(proc.log, encoding="utf-8", errors="replace") as handle:
+            return handle.read().count(INTERCEPTING)
+
+    if not poll_until(lambda: count() > seen, timeout=10, interval=0.1):
+        pytest.fail(f"{node}/gateway never intercepted:\n{lab.log_tail(node, 'gateway')}")
 
 
 def lab_problem() -> str | None:
@@ -155,6 +175,7 @@ def transparent_lab() -> Iterator[Lab]:
     _terminate_as_interrupt()
     built = Lab.up("transparent", teardown_at_exit=True)
     try:
+        wait_for_interception(built)
         yield built
     finally:
         report = built.teardown()

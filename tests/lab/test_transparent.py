@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from netnslab.lab import Lab
+from netnslab.pytest_plugin import INTERCEPTING, wait_for_interception
 from netnslab.timing import poll_until
 
 POOL = ipaddress.ip_network("198.18.0.0/15")
@@ -60,6 +61,13 @@ def _gateway_log(lab: Lab) -> str:
     assert proc is not None
     with open(proc.log, encoding="utf-8", errors="replace") as handle:
         return handle.read()
+
+
+def _start_gateway(lab: Lab) -> None:
+    """Start gw's gateway and wait until it intercepts, not only until it accepts."""
+    seen = _gateway_log(lab).count(INTERCEPTING)
+    lab.start_service("gw", "gateway")
+    wait_for_interception(lab, seen=seen)
 
 
 def _installed(lab: Lab) -> list[str]:
@@ -205,7 +213,7 @@ def test_a_cached_address_survives_a_restart(transparent_lab: Lab) -> None:
     address = _pool_address(lab)
     lab.stop_service("gw", "gateway")
     assert _installed(lab) == []
-    lab.start_service("gw", "gateway")
+    _start_gateway(lab)
     code, out, err = _run(lab, "c4", "curl", "-sS", "--max-time", "10", f"http://{address}:8080/")
     assert code == 0 and "hello from s6" in out, err
 
@@ -221,7 +229,7 @@ def test_nothing_is_left_after_sigkill_and_a_new_start_and_stop(transparent_lab:
         interval=0.1,
     )
     assert "nft table inet socks64" in _installed(lab)  # what a crash leaves behind
-    lab.start_service("gw", "gateway")
+    _start_gateway(lab)
     assert "removed leftovers of an earlier run" in _gateway_log(lab)
     assert len([line for line in _installed(lab) if "fwmark" in line]) == 1
     assert len([line for line in _installed(lab) if "iif lo" in line]) == 1
@@ -229,7 +237,7 @@ def test_nothing_is_left_after_sigkill_and_a_new_start_and_stop(transparent_lab:
     assert code == 0 and "hello from s6" in out, err
     lab.stop_service("gw", "gateway")
     assert _installed(lab) == []
-    lab.start_service("gw", "gateway")  # for whatever runs after
+    _start_gateway(lab)  # for whatever runs after
 
 
 def _alive(lab: Lab) -> bool:

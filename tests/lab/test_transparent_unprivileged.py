@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from netnslab.lab import Lab
-from netnslab.pytest_plugin import _terminate_as_interrupt, require_lab
+from netnslab.pytest_plugin import _terminate_as_interrupt, require_lab, wait_for_interception
 from netnslab.topology import load_topology, parse_topology
 
 pytestmark = pytest.mark.lab
@@ -57,6 +57,7 @@ def nobody_transparent() -> Iterator[tuple[Lab, Path]]:
             config["transparent"]["state_file"] = str(state_file)
     lab = Lab.up(parse_topology(document, default_name="transparent"), teardown_at_exit=True)
     try:
+        wait_for_interception(lab)
         yield lab, state_file
     finally:
         report = lab.teardown()

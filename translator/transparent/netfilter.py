@@ -322,9 +322,7 @@ class Interception:
         On failure whatever this call added is removed again and InterceptionError raised.
         """
         plan = self.plan
-        removed = self.remove()
-        if removed:
-            log.info("removed leftovers of an earlier run: %s", "; ".join(removed))
+        removed = self.remove()  # the caller logs them, once
         ruleset = render_ruleset(plan)
         nft_binary()  # a clear error before anything is added
         table_added = rule_added = False
