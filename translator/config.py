@@ -9,8 +9,10 @@ from __future__ import annotations
 import grp
 import ipaddress
 import math
+import os
 import pwd
 import socket
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -110,6 +112,12 @@ class AddrmapConfig:
     quarantine: float = 3600.0
     per_owner: int = 4096
     capacity: int = 1_000_000
+    backend: str = "memory"  # or redis://HOST:PORT/DB (the table shared by several gateways)
+    state_file: str | None = None  # memory backend: IDs and quarantine survive a restart
+
+    @property
+    def redis_url(self) -> str | None:
+        return None if self.backend == "memory" else self.backend
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +185,7 @@ class Config:
     user: str | None = None  # drop to this user (and group) once everything is open
     group: str | None = None
     source: str = "<built-in>"
+    workers: int | str = 1  # processes serving the listeners; "auto": one per CPU
 
 
 # --- validation helpers ---------------------------------------------------------------
@@ -244,6 +253,7 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
         "shutdown_grace",
         "user",
         "group",
+        "workers",
     )
     check_keys(data, known, "", ConfigError)
 
@@ -311,6 +321,8 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
         quarantine=_number(a_raw, "quarantine", "addrmap.quarantine", 3600.0),
         per_owner=_number(a_raw, "per_owner", "addrmap.per_owner", 4096, minimum=1, integer=True),
         capacity=_number(a_raw, "capacity", "addrmap.capacity", 1_000_000, minimum=1, integer=True),
+        backend=_backend(a_raw.get("backend", "memory")),
+        state_file=_optional_str(a_raw, "state_file", "addrmap.state_file"),
     )
     b_raw = _section(data, "bind", _fields(BindConfig))
     bind = BindConfig(
@@ -342,6 +354,13 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
         raise ConfigError("shutdown_grace", f"must be a number of seconds >= 0, not {grace!r}")
     user = _account(data, "user", "pw")
     group = _account(data, "group", "gr")
+    workers = _workers(data.get("workers", 1))
+    if transparent.enabled and (workers != 1 or addrmap.backend != "memory"):
+        raise ConfigError(
+            "transparent",
+            "the transparent front runs in a single process with the memory backend "
+            "(workers: 1, addrmap.backend: memory)",
+        )
     return Config(
         listen,
         auth,
@@ -358,8 +377,44 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
         float(grace),
         user,
         group,
-        source,
+        source=source,
+        workers=workers,
     )
+
+
+def _workers(value: Any) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise ConfigError("workers", f"must be 1..256 processes or auto, not {value!r}")
+    return value
+
+
+def worker_count(config: Config) -> int:
+    """How many worker processes ``config`` asks for (``auto``: the CPUs this process may use)."""
+    if config.workers == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return int(config.workers)
+
+
+def _backend(value: Any) -> str:
+    """``memory`` or a Redis URL: redis://[:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS)."""
+    if value == "memory":
+        return value
+    where = "addrmap.backend"
+    if not isinstance(value, str):
+        raise ConfigError(where, f"must be memory or redis://HOST:PORT/DB, not {value!r}")
+    url = urllib.parse.urlsplit(value)
+    if url.scheme not in ("redis", "rediss") or not url.hostname:
+        raise ConfigError(where, f"must be memory or redis://HOST:PORT/DB, not {value!r}")
+    try:
+        url.port  # noqa: B018 - raises ValueError on a bad port
+        database = url.path.strip("/")
+        if database and int(database) < 0:
+            raise ValueError(database)
+    except ValueError:
+        raise ConfigError(where, f"bad port or database number in {value!r}") from None
+    return value
 
 
 def _account(data: Mapping[str, Any], key: str, database: str) -> str | None:

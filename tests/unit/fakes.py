@@ -9,6 +9,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from addrmap import AddressTable
+from translator.idtable import LocalIds
 from translator.config import config_from_mapping
 from translator.gateway.context import RequestContext, Services
 from translator.net.addresses import IPAddress
@@ -128,7 +129,7 @@ def make_services(**config: Any) -> tuple[Services, FakeConnector, FakeResolver,
     resolver = FakeResolver()
     services = Services(
         config=config_from_mapping({"policy": POLICY, **config}),
-        table=AddressTable(clock=clock),
+        ids=LocalIds(AddressTable(clock=clock)),
         resolver=resolver,  # type: ignore[arg-type]
         clock=clock,
         connect=connector,

@@ -97,7 +97,8 @@ def test_errors_name_the_key(data: dict, key: str) -> None:
         (
             {"lsiten": []},
             "lsiten: unknown key (known: listen, auth, resolver, timeouts, limits, addrmap,"
-            " bind, outbound, udp, policy, metrics, transparent, shutdown_grace, user, group)",
+            " bind, outbound, udp, policy, metrics, transparent, shutdown_grace, user, group,"
+            " workers)",
         ),
         (
             {"resolver": {"foo": 1}},

@@ -22,7 +22,7 @@ from .replies import GatewayError
 
 async def address_associate(ctx: RequestContext, request: Request) -> NextRequest:
     ctx.require(pol.Command.ASSOCIATE)
-    target, _ = ctx.target_of(request.address)
+    target, _ = await ctx.target_of(request.address)
     if not isinstance(target, str):
         ctx.check(pol.Command.ASSOCIATE, target)
     preference = request.port & 0xFF
@@ -30,7 +30,7 @@ async def address_associate(ctx: RequestContext, request: Request) -> NextReques
     if flag:
         bound: Address = await _reachable_address(ctx, target)
     elif preference in (0, Atyp.ADDRESS_ID):
-        bound = AddressId(ctx.table.associate(ctx.owner, target))
+        bound = AddressId(await ctx.ids.associate(ctx.owner, target))
     elif preference == Atyp.IPV4:
         bound = await _as_family(ctx, target, socket.AF_INET)
     elif preference == Atyp.IPV6:

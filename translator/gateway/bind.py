@@ -64,7 +64,7 @@ async def serve_bind(ctx: RequestContext, request: Request) -> AwaitPeer | Hold:
         attached = ctx.services.multi.find(ctx.owner, request.port)
         if attached is not None and not is_unspecified(request.address):
             return AwaitPeer(
-                _first_reply(ctx, request, attached, request.flag & FLAG_BIND_MULTI),
+                await _first_reply(ctx, request, attached, request.flag & FLAG_BIND_MULTI),
                 attached,
                 attached.expected,
                 partial(_second_reply, ctx, request),
@@ -74,7 +74,7 @@ async def serve_bind(ctx: RequestContext, request: Request) -> AwaitPeer | Hold:
     listener = open_listener(ctx, expected.addresses, listen_port)
     try:
         honoured = request.flag & (FLAG_BIND_PORT | FLAG_BIND_MULTI)
-        first = _first_reply(ctx, request, listener, honoured)
+        first = await _first_reply(ctx, request, listener, honoured)
     except BaseException:
         listener.close()
         raise
@@ -106,7 +106,7 @@ def open_listener(
     return BindListener.open(local, port, ctx.owner)
 
 
-def _first_reply(
+async def _first_reply(
     ctx: RequestContext, request: Request, listener: BindListener, honoured: int
 ) -> Reply:
     flag = ctx.reply_flag(request, honoured)
@@ -116,9 +116,13 @@ def _first_reply(
     if address.is_unspecified:
         address = ctx.facing_ip  # listening everywhere, so the facing address works
     address = announced(address, ctx.config.bind.announce_v4, ctx.config.bind.announce_v6)
-    target = ctx.target_of(request.address)[0] if request.command.with_aa else None
-    return Reply(Rep.SUCCEEDED, ctx.bound(request, address, target=target), listener.port, flag)
+    target = (await ctx.target_of(request.address))[0] if request.command.with_aa else None
+    bound = await ctx.bound(request, address, target=target)
+    return Reply(Rep.SUCCEEDED, bound, listener.port, flag)
 
 
-def _second_reply(ctx: RequestContext, request: Request, peer: IPAddress, port: int) -> Reply:
-    return Reply(Rep.SUCCEEDED, ctx.bound(request, peer), port, ctx.reply_flag(request))
+async def _second_reply(
+    ctx: RequestContext, request: Request, peer: IPAddress, port: int
+) -> Reply:
+    bound = await ctx.bound(request, peer)
+    return Reply(Rep.SUCCEEDED, bound, port, ctx.reply_flag(request))

@@ -31,7 +31,7 @@ async def serve_connect(ctx: RequestContext, request: Request) -> Relay:
     sock, target, realid = await open_destination(ctx, request.address, request.port)
     try:
         local = sock.getsockname()
-        bound = ctx.bound(request, sockaddr_ip(local), target=target, realid=realid)
+        bound = await ctx.bound(request, sockaddr_ip(local), target=target, realid=realid)
         reply = Reply(Rep.SUCCEEDED, bound, int(local[1]), ctx.reply_flag(request))
     except BaseException:
         sock.close()

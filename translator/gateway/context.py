@@ -17,9 +17,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
 
-from addrmap import AddressTable, FakeIpPool, Owner, Target
+from addrmap import FakeIpPool, Owner, Target
 from translator import policy as pol
 from translator.config import Config
+from translator.idtable import Ids
 from translator.metrics import Metrics
 from translator.net.addresses import IPAddress, family_of, unmapped
 from translator.net.happy_eyeballs import order_addresses
@@ -45,7 +46,7 @@ class Services:
     """The gateway's shared state, as request handlers and sessions see it."""
 
     config: Config
-    table: AddressTable
+    ids: Ids
     resolver: Resolver
     clock: Callable[[], float]
     connect: Connector
@@ -152,28 +153,28 @@ class RequestContext:
         return self.services.config
 
     @property
-    def table(self) -> AddressTable:
-        return self.services.table
+    def ids(self) -> Ids:
+        return self.services.ids
 
     # -- IDs ------------------------------------------------------------------------------
 
     def pin(self, realid: int) -> None:
         """Keep an ID alive while this connection uses it (released by ``unpin_all``)."""
-        if self.services.table.pin(self.owner, realid):
+        if self.services.ids.pin(self.owner, realid):
             self.pins.append(realid)
 
     def unpin_all(self) -> None:
         owner = self.owner
         for realid in self.pins:
-            self.services.table.unpin(owner, realid)
+            self.services.ids.unpin(owner, realid)
         self.pins.clear()
 
-    def target_of(self, address: Address) -> tuple[Target, int | None]:
+    async def target_of(self, address: Address) -> tuple[Target, int | None]:
         """A request's address as a table target, and the REALID when it was an ID."""
         if isinstance(address, AddressId):
             if address.unspecified:
                 raise GatewayError(Rep.INVALID_ADDRESS, "the unspecified ADDRESS ID names nothing")
-            target = self.services.table.lookup(self.owner, address.realid)
+            target = await self.services.ids.lookup(self.owner, address.realid)
             if target is None:
                 raise GatewayError(Rep.INVALID_ADDRESS, f"unknown or foreign {address}")
             return target, address.realid
@@ -249,7 +250,7 @@ class RequestContext:
 
     async def addresses_of(self, address: Address) -> list[IPAddress]:
         """Every address a request's address stands for, in Happy Eyeballs order."""
-        target, _ = self.target_of(address)
+        target, _ = await self.target_of(address)
         if isinstance(target, str):
             return self.order(await self.services.resolver.resolve(target))
         return [target]
@@ -261,7 +262,7 @@ class RequestContext:
         policy allows none of them.
         """
         self.require(command)
-        target, realid = self.target_of(address)
+        target, realid = await self.target_of(address)
         name: str | None = None
         candidates: list[IPAddress]
         if isinstance(target, str):
@@ -285,7 +286,7 @@ class RequestContext:
 
     # -- replies --------------------------------------------------------------------------
 
-    def bound(
+    async def bound(
         self,
         request: Request,
         real: IPAddress,
@@ -298,7 +299,7 @@ class RequestContext:
         connection; without: ``real`` in the client's family."""
         if request.command.with_aa:
             if realid is None:
-                realid = self.services.table.associate(
+                realid = await self.services.ids.associate(
                     self.owner, real if target is None else target
                 )
                 self.pin(realid)

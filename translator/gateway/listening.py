@@ -27,10 +27,13 @@ _BACKLOG = 1024
 OnAccept = Callable[[socket.socket, tuple[object, ...], str], None]
 
 
-def listening_socket(endpoint: Endpoint) -> socket.socket:
+def listening_socket(endpoint: Endpoint, *, reuse_port: bool = False) -> socket.socket:
+    """``reuse_port``: one of several copies (one per worker) the kernel balances over."""
     sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if endpoint.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((endpoint.host, endpoint.port))

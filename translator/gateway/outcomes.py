@@ -7,7 +7,7 @@ client socket. Every reply in an outcome is a success; failures are raised inste
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from translator.net.addresses import IPAddress
@@ -46,7 +46,7 @@ class AwaitPeer:
     first: AnyReply
     listener: BindListener
     expected: Callable[[IPAddress], bool]
-    second: Callable[[IPAddress, int], AnyReply]
+    second: Callable[[IPAddress, int], Awaitable[AnyReply]]
     release: Callable[[], None] = _nothing  # once done with the listener, however it ends
 
 

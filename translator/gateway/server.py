@@ -25,6 +25,8 @@ from prometheus_client.metrics_core import Metric
 from addrmap import AddressTable, FakeIpPool
 from translator.auth import Credentials, CredentialsError
 from translator.config import Config, ConfigError, Endpoint
+from translator.idtable import Ids, LocalIds
+from translator.idtable.setup import redis_ids
 from translator.metrics import Metrics, table_metrics, udp_metrics
 from translator.net.addresses import IPAddress
 from translator.net.exporter import MetricsServer
@@ -49,7 +51,6 @@ log = logging.getLogger("socks64.server")
 # multiply memory.
 _CONCURRENT_PASSWORD_CHECKS = 4
 _SWEEP_INTERVAL = 1.0
-_SWEEP_BUDGET = 10_000  # IDs freed per sweep: ~30 ms, so a mass expiry never stalls the loop
 
 
 _IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -111,6 +112,8 @@ class Gateway:
         *,
         resolver: Resolver | None = None,
         table: AddressTable | None = None,
+        ids: Ids | None = None,
+        own_listeners: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -119,17 +122,25 @@ class Gateway:
         self.resolver = resolver or _resolver_for(config, clock)
         self.resolver.observe_query = self.metrics.dns_seconds.observe
         am = config.addrmap
-        self.table = table or AddressTable(
-            clock=clock,
-            ttl=am.ttl,
-            quarantine=am.quarantine,
-            per_owner_quota=am.per_owner,
-            capacity=am.capacity,
-        )
+        if ids is None and table is None and am.redis_url is not None:
+            ids = redis_ids(am)
+        if ids is None:
+            table = table or AddressTable(
+                clock=clock,
+                ttl=am.ttl,
+                quarantine=am.quarantine,
+                per_owner_quota=am.per_owner,
+                capacity=am.capacity,
+            )
+            ids = LocalIds(table, state_file=am.state_file)
+        #: the sessions' ID table: this process's own, or a cache of a shared one
+        self.ids = ids
         self.credentials = _credentials_for(config)
         self.pool: FakeIpPool | None = None
         if config.transparent.enabled:
-            self.pool = FakeIpPool(self.table, config.transparent.pool, quarantine=am.quarantine)
+            if not isinstance(ids, LocalIds):
+                raise ValueError("the transparent front needs the table in its own process")
+            self.pool = FakeIpPool(ids.table, config.transparent.pool, quarantine=am.quarantine)
         self.transparent: TransparentFront | None = None
         self.multi = MultiRegistry()
         self.interfaces = InterfaceWatcher()
@@ -142,7 +153,7 @@ class Gateway:
         )
         self.services = Services(
             config=config,
-            table=self.table,
+            ids=self.ids,
             resolver=self.resolver,
             clock=clock,
             connect=self._connector(config),
@@ -159,6 +170,8 @@ class Gateway:
         self.metrics.add_source(self._table_metrics)
         self.metrics.add_source(self._udp_metrics)
         self._listen_override: list[Endpoint] | None = None
+        #: False in a worker: it serves the supervisor's sockets and opens none itself
+        self._own_listeners = own_listeners
         self._unsubscribe: Callable[[], None] | None = None
         # each running session and the services it started with (a reload swaps them)
         self._sessions: dict[asyncio.Task[None], Services] = {}
@@ -209,10 +222,12 @@ class Gateway:
         self._auth_slots = asyncio.Semaphore(_CONCURRENT_PASSWORD_CHECKS)
         self._listen_override = list(listen) if listen else None
         try:
+            await self.ids.start()
             await self.interfaces.start()
             self._unsubscribe = self.interfaces.subscribe(self._on_interface_event)
             self.listeners.adopt(adopted)
-            self.listeners.open(self._listen_override or self.config.listen)
+            if self._own_listeners:
+                self.listeners.open(self._listen_override or self.config.listen)
             self.metrics_server = await self._metrics_server(self.config)
             if self.pool is not None:
                 self.transparent = TransparentFront(
@@ -263,7 +278,9 @@ class Gateway:
         try:
             if config.metrics.listen != old.metrics.listen:
                 metrics_server = await self._metrics_server(config)
-            added, removed = self.listeners.open(self._listen_override or config.listen)
+            added, removed = [], []
+            if self._own_listeners:
+                added, removed = self.listeners.open(self._listen_override or config.listen)
         except BaseException:
             if resolver is not self.resolver:
                 await resolver.close()
@@ -285,7 +302,8 @@ class Gateway:
             self.services, config=config, resolver=resolver, connect=self._connector(config)
         )
         self.metrics.set_listeners(str(e) for e in self.endpoints)
-        for section in _FIXED_AT_START:
+        fixed = _FIXED_AT_START if self._own_listeners else (*_FIXED_AT_START, "listen", "workers")
+        for section in fixed:
             if getattr(config, section) != getattr(old, section):
                 log.warning("reload: %s changes apply after a restart", section)
         log.info(
@@ -387,14 +405,18 @@ class Gateway:
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
             self.services.traffic.flush(self.metrics)  # long transfers show as they go
-            freed = self.table.expire(budget=_SWEEP_BUDGET)
+            try:
+                freed = await self.ids.maintain()
+            except Exception:  # the sweeper must live on: it also flushes the traffic
+                log.exception("ID table maintenance failed")
+                continue
             if freed:
                 log.debug("address table: %d idle IDs expired", freed)
 
     # -- metrics read at scrape time ------------------------------------------------------
 
     def _table_metrics(self) -> list[Metric]:
-        stats = self.table.stats
+        stats = self.ids.stats
         return table_metrics(
             live=stats.live,
             pinned=stats.pinned,
@@ -445,6 +467,10 @@ class Gateway:
             self.transparent = None
         self.multi.close_all()
         self.multicast.close()
+        try:
+            await self.ids.close()  # after the sessions: their pins are released
+        except Exception:
+            log.exception("closing the ID table failed")
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self.metrics_server is not None:

@@ -346,7 +346,7 @@ class Session:
         finally:
             outcome.release()
         try:
-            second = outcome.second(peer_ip, peer_port)
+            second = await outcome.second(peer_ip, peer_port)
         except BaseException:
             sock.close()
             raise

@@ -8,8 +8,10 @@ and ID pins end with it.
 
 from __future__ import annotations
 
+from functools import partial
+
 from translator import policy as pol
-from translator.net.addresses import IPAddress, family_of, local_address_toward
+from translator.net.addresses import family_of, local_address_toward
 from translator.relay.udp import UdpAssociation, UdpDeps
 from translator.wire import (
     FLAG_REAL_FAMILY,
@@ -26,7 +28,6 @@ from translator.wire import (
     Rep,
     Reply,
     Request,
-    UdpDatagram,
 )
 
 from .context import RequestContext, announced
@@ -50,7 +51,7 @@ def association_deps(ctx: RequestContext) -> UdpDeps:
         label=ctx.label,
         settings=settings,
         policy=ctx.config.policy,
-        table=services.table,
+        ids=services.ids,
         resolver=services.resolver,
         order=ctx.order,
         multicast=services.multicast,
@@ -129,12 +130,8 @@ async def _join(ctx: RequestContext, association: UdpAssociation, request: Contr
     if key not in association.memberships:
         by_id = isinstance(request.address, AddressId)
 
-        def deliver(data: bytes, source: IPAddress, port: int) -> None:
-            rendered = association.render_source(source, port, by_id=by_id) or source
-            association.to_client(UdpDatagram(rendered, port, data), from_v6=source.version == 6)
-
         association.memberships[key] = await ctx.services.multicast.join(
-            group, request.port, deliver
+            group, request.port, partial(association.deliver_group, by_id=by_id)
         )
     return Reply(Rep.SUCCEEDED, request.address, request.port)
 

@@ -21,9 +21,11 @@ import struct
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from addrmap import AddrMapError
 from translator import policy as pol
+from translator.idtable import TableUnavailable
 from translator.net.addresses import IPAddress, family_of, sockaddr_ip
 from translator.net.resolver import ResolveError
 from translator.wire import (
@@ -41,8 +43,9 @@ from .fragments import Reassembler
 from .peercache import PeerBudget, PeerCache
 
 if TYPE_CHECKING:
-    from addrmap import AddressTable, FakeIpPool, Owner
+    from addrmap import FakeIpPool, Owner
     from translator.config import UdpConfig
+    from translator.idtable import Ids
     from translator.net.resolver import Resolver
     from translator.ratelog import RateLimitedLog
 
@@ -59,6 +62,7 @@ _Route = tuple[asyncio.DatagramTransport, tuple[str, int], int]  # transport, so
 
 class _Not(Enum):
     CACHED = 0  # a cache miss where None is a value
+    YET = 1  # a peer's ID the shared table has still to give (render_source)
 
 
 def _route_key(named_as: Address, port: int) -> bytes:
@@ -132,7 +136,7 @@ class UdpDeps:
     label: str  # the client, as logs name it
     settings: UdpConfig
     policy: pol.Policy
-    table: AddressTable
+    ids: Ids
     resolver: Resolver
     order: Callable[[Sequence[IPAddress]], list[IPAddress]]  # Happy Eyeballs order
     multicast: MulticastHub
@@ -344,11 +348,15 @@ class UdpAssociation:
             if whole is None:
                 return
             payload = whole
-        destination = datagram.address
+        self._relay(datagram.address, datagram.port, payload, route_key)
+
+    def _relay(
+        self, destination: Address, port: int, payload: bytes, route_key: bytes | None
+    ) -> None:
         if isinstance(destination, AddressId):
-            target = self.deps.table.lookup(self.deps.owner, destination.realid)
+            target = self.deps.ids.cached(self.deps.owner, destination.realid)
             if target is None:
-                self._drop("dropped_malformed", "unknown or foreign %s", destination)
+                self._lookup_then_relay(destination, port, payload)
                 return
             if destination.realid not in self._id_pins and not self._pin(destination.realid):
                 route_key = None  # unpinned: keep looking it up, so expiry is seen
@@ -365,11 +373,33 @@ class UdpAssociation:
         if isinstance(target, str):
             cached = self._names.get(target)
             if cached is None:
-                self._resolve_then_send(target, datagram.port, payload, destination)
+                self._resolve_then_send(target, port, payload, destination)
                 return
-            self._send_to_any(cached, datagram.port, payload, destination, target, route_key)
+            self._send_to_any(cached, port, payload, destination, target, route_key)
             return
-        self.send_to_peer(target, datagram.port, payload, destination, route_key=route_key)
+        self.send_to_peer(target, port, payload, destination, route_key=route_key)
+
+    def _lookup_then_relay(self, destination: AddressId, port: int, payload: bytes) -> None:
+        """An ID this process has not seen yet: the shared table says what it names."""
+        if self._pending_bytes + len(payload) > self.config.max_buffered_bytes:
+            self._drop("dropped", "too many bytes waiting for the ID table")
+            return
+        self._pending_bytes += len(payload)
+
+        async def lookup() -> None:
+            try:
+                target = await self.deps.ids.lookup(self.deps.owner, destination.realid)
+            except TableUnavailable as exc:
+                self._drop("dropped", "cannot look up %s: %s", destination, exc)
+                return
+            finally:
+                self._pending_bytes -= len(payload)
+            if target is None:
+                self._drop("dropped_malformed", "unknown or foreign %s", destination)
+                return
+            self._relay(destination, port, payload, None)  # known here now
+
+        self._spawn(lookup())
 
     def send_to_peer(
         self,
@@ -494,7 +524,7 @@ class UdpAssociation:
         while the fast path skips the table."""
         if len(self._id_pins) >= _MAX_NAMES:
             return False
-        if not self.deps.table.pin(self.deps.owner, realid):
+        if not self.deps.ids.pin(self.deps.owner, realid):
             return False
         self._id_pins.append(realid)
         return True
@@ -551,6 +581,9 @@ class UdpAssociation:
         source = self._rendered.get(key, _Not.CACHED)
         if source is _Not.CACHED:
             source = self.render_source(peer, port)
+            if source is _Not.YET:
+                self._spawn(self._name_then_deliver(peer, data, addr))
+                return
             self._rendered.put(key, source)  # None too: dropped cheaply until named
         if source is None:
             self._drop("dropped_unrenderable", "no way to name %s:%d for this client", peer, port)
@@ -558,13 +591,40 @@ class UdpAssociation:
         self._headers.put(addr, UdpDatagram(source, port, b"").encode())
         self.to_client(UdpDatagram(source, port, data), from_v6=peer.version == 6)
 
-    def render_source(self, peer: IPAddress, port: int, *, by_id: bool = False) -> Address | None:
-        """How the client sees a peer's address (profile 6 and 7)."""
+    def render_source(
+        self, peer: IPAddress, port: int, *, by_id: bool = False
+    ) -> Address | Literal[_Not.YET] | None:
+        """How the client sees a peer's address (profile 6 and 7); YET: its ID is still to
+        come from the shared table (`_name_then_deliver`)."""
         if self.aa or by_id:
-            return AddressId(self.deps.table.associate(self.deps.owner, peer))
+            realid = self.deps.ids.associate_now(self.deps.owner, peer)
+            return _Not.YET if realid is None else AddressId(realid)
         if self.real_family or family_of(peer) == self.client_family:
             return peer
         return self._named.get((peer, port))
+
+    async def _name_then_deliver(
+        self, peer: IPAddress, data: bytes, addr: tuple[object, ...], by_id: bool = False
+    ) -> None:
+        """A peer's first datagram to a client that sees peers as IDs, in a worker that has
+        not met the peer: associate it in the shared table, then deliver."""
+        try:
+            await self.deps.ids.associate(self.deps.owner, peer)
+        except AddrMapError as exc:
+            self._drop("dropped_unrenderable", "no ID for %s: %s", peer, exc)
+            return
+        if by_id:
+            self.deliver_group(data, peer, int(addr[1]), by_id=True)  # type: ignore[call-overload]
+        else:
+            self.from_peer(data, addr)  # the ID is known here now
+
+    def deliver_group(self, data: bytes, source: IPAddress, port: int, *, by_id: bool) -> None:
+        """A multicast datagram from ``source`` to this client (joined by ID: as an ID)."""
+        rendered = self.render_source(source, port, by_id=by_id)
+        if rendered is _Not.YET:
+            self._spawn(self._name_then_deliver(source, data, (source, port), by_id=True))
+            return
+        self.to_client(UdpDatagram(rendered or source, port, data), from_v6=source.version == 6)
 
     def to_client(self, datagram: UdpDatagram, *, from_v6: bool = False) -> None:
         bucket = self._to_client_rate
@@ -622,7 +682,7 @@ class UdpAssociation:
             self.deps.multicast.leave(membership)
         self.memberships.clear()
         for realid in self._id_pins:
-            self.deps.table.unpin(self.deps.owner, realid)
+            self.deps.ids.unpin(self.deps.owner, realid)
         self._id_pins.clear()
         for cache in self._caches:
             cache.close()

@@ -66,8 +66,8 @@ async def test_associate_issues_an_id_that_names_the_target_for_this_owner_only(
     assert answer.reply.rep == Rep.SUCCEEDED
     assert isinstance(answer.reply.address, AddressId)
     realid = answer.reply.address.realid
-    assert services.table.lookup(ctx.owner, realid) == "v6.example.test"
-    assert services.table.lookup(Owner("192.0.2.8"), realid) is None
+    assert services.ids.table.lookup(ctx.owner, realid) == "v6.example.test"
+    assert services.ids.table.lookup(Owner("192.0.2.8"), realid) is None
     assert resolver.asked == []  # an ID is issued for the name; nothing resolved yet
 
 
@@ -189,19 +189,19 @@ async def test_connect_aa_answers_with_a_pinned_id_of_the_destination() -> None:
     outcome = await serve_connect(ctx, request(Command.CONNECT_AA, "v6.example.test", 80))
     bound = outcome.reply.address
     assert isinstance(bound, AddressId)
-    assert services.table.lookup(ctx.owner, bound.realid) == "v6.example.test"
+    assert services.ids.table.lookup(ctx.owner, bound.realid) == "v6.example.test"
     assert ctx.pins == [bound.realid]
     clock.now += 10 * services.config.addrmap.ttl
-    assert services.table.expire() == 0  # pinned while the connection lives
+    assert services.ids.table.expire() == 0  # pinned while the connection lives
     ctx.unpin_all()
     clock.now += 10 * services.config.addrmap.ttl
-    assert services.table.expire() == 1
+    assert services.ids.table.expire() == 1
 
 
 async def test_connect_by_id_pins_it_once_and_answers_with_the_same_id() -> None:
     services, connector, _, _ = make_services()
     ctx = make_ctx(services)
-    realid = services.table.associate(ctx.owner, "v4.example.test")
+    realid = services.ids.table.associate(ctx.owner, "v4.example.test")
     outcome = await serve_connect(ctx, request(Command.CONNECT_AA, AddressId(realid), 443))
     assert outcome.reply.address == AddressId(realid)
     assert ctx.pins == [realid]
@@ -235,7 +235,7 @@ async def test_connect_failure_keeps_its_errno_for_the_reply_code() -> None:
 
 async def test_connect_id_of_another_owner_is_invalid_address() -> None:
     services, connector, _, _ = make_services()
-    other = services.table.associate(Owner("192.0.2.8"), "v4.example.test")
+    other = services.ids.table.associate(Owner("192.0.2.8"), "v4.example.test")
     error = await refusal(
         serve_connect(make_ctx(services), request(Command.CONNECT, AddressId(other), 80))
     )
@@ -280,7 +280,7 @@ async def test_bind_multi_attaches_to_the_owners_held_listener() -> None:
     assert outcome.listener is held
     assert outcome.first.address == IPv4Address("192.0.2.1")  # v6 listener, v4 client
     assert outcome.first.port == 41000 and outcome.first.flag == FLAG_BIND_MULTI
-    second = outcome.second(IPv6Address("2001:db8:6::6"), 5555)
+    second = await outcome.second(IPv6Address("2001:db8:6::6"), 5555)
     assert (second.address, second.port) == (IPv4Address("192.0.2.1"), 5555)
     outcome.release()
     assert not held.closed  # the holding connection owns it

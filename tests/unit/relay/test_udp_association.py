@@ -115,5 +115,5 @@ async def test_udp_aa_shows_every_peer_as_an_id_of_the_clients() -> None:
     datagram = decode_udp_datagram(transports[0].sent[-1][0])
     assert isinstance(datagram.address, AddressId)
     deps = association.deps
-    assert deps.table.lookup(deps.owner, datagram.address.realid) == V6_PEER
+    assert deps.ids.table.lookup(deps.owner, datagram.address.realid) == V6_PEER
     association.close()
