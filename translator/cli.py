@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Sequence
 from functools import partial
 from typing import Any
 
-from .config import Config, ConfigError, Endpoint, load_config, parse_endpoint
+from .config import Config, ConfigError, Endpoint, load_config, parse_endpoint, worker_count
 from .service.logformat import configure_logging
 
 DEFAULT_PID_FILE = "/run/socks64.pid"
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen here instead of the config's listeners; repeatable; [::1]:1080 for IPv6",
     )
     serve.add_argument("--pid-file", help="write the process id here (for socks64 reload)")
+    worker = commands.add_parser(
+        "worker", help="one worker of serve with workers: N (serve starts it)", parents=[after]
+    )
+    worker.add_argument("--config")
     check = commands.add_parser(
         "check-config", help="validate a config file and exit", parents=[after]
     )
@@ -137,7 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from netnslab.cli import main as lab_main
 
         return int(lab_main(args.args))
-    return _serve(args.config, args.listen, args.pid_file)
+    if args.command == "worker":
+        from .service.worker import worker_main
+
+        return worker_main(args.config, run_event_loop)
+    log_options = ["--log-level", args.log_level, "--log-format", args.log_format]
+    return _serve(args.config, args.listen, args.pid_file, log_options)
 
 
 def _check_config(path: str) -> int:
@@ -223,7 +232,12 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     asyncio.run(main)
 
 
-def _serve(config_path: str | None, listen: list[Endpoint] | None, pid_file: str | None) -> int:
+def _serve(
+    config_path: str | None,
+    listen: list[Endpoint] | None,
+    pid_file: str | None,
+    log_options: list[str] | None = None,
+) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -233,8 +247,23 @@ def _serve(config_path: str | None, listen: list[Endpoint] | None, pid_file: str
         log.warning("policy: no rule allows anything and the default is deny")
     from .service.runner import Service
 
+    count = worker_count(config)
     try:
-        run_event_loop(Service(config, partial(load_config, config_path), listen, pid_file).run())
+        if count > 1:
+            from .service.supervisor import Supervisor
+
+            supervisor = Supervisor(
+                config,
+                count,
+                config_path=config_path,
+                listen=listen,
+                pid_file=pid_file,
+                log_options=log_options,
+            )
+            run_event_loop(supervisor.run())
+        else:
+            service = Service(config, partial(load_config, config_path), listen, pid_file)
+            run_event_loop(service.run())
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import socket
+from collections.abc import Awaitable
 from typing import Any, Final, Protocol
 
 from .accepting import Acceptor
@@ -22,7 +24,7 @@ class Exposition(Protocol):
 
     content_type: str
 
-    def render(self) -> bytes: ...
+    def render(self) -> bytes | Awaitable[bytes]: ...
 
 
 _HEADER_LIMIT: Final = 8192
@@ -183,7 +185,10 @@ class MetricsServer:
         else:
             path = target.split("?", 1)[0]
             if path == "/metrics":
-                return version, 200, self.metrics.content_type, self.metrics.render()
+                body = self.metrics.render()
+                if inspect.isawaitable(body):  # the supervisor's: gathered from workers
+                    body = await body
+                return version, 200, self.metrics.content_type, body
             if path == "/":
                 return version, 200, _TEXT, _INDEX
             status = 404

@@ -18,6 +18,7 @@ import logging
 import os
 import pkgutil
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -130,7 +131,7 @@ class LateImportWarning:
 def status_line(gateway: Gateway) -> str:
     endpoints = ", ".join(str(e) for e in gateway.endpoints) or "no listeners"
     return (
-        f"{gateway.active_sessions} sessions, {len(gateway.table)} ADDRESS IDs, "
+        f"{gateway.active_sessions} sessions, {len(gateway.ids)} ADDRESS IDs, "
         f"{len(gateway.services.udp_associations)} UDP associations; listening on {endpoints}"
     )
 
@@ -144,13 +145,20 @@ class Service:
         load: Callable[[], Config],
         listen: list[Endpoint] | None = None,
         pid_file: str | None = None,
+        *,
+        gateway: Gateway | None = None,
+        notifier: Notifier | None = None,
+        adopted: list[socket.socket] | None = None,
     ) -> None:
+        """``gateway``, ``notifier`` and ``adopted`` (listening sockets): a worker's, handed
+        in by the worker process (see ``translator.service.worker``)."""
         self.config = config
         self.load = load
         self.listen = listen
         self.pid_file = Path(pid_file) if pid_file else None
-        self.notifier = Notifier.from_env()
-        self.gateway = Gateway(config)
+        self.notifier = notifier or Notifier.from_env()
+        self.gateway = gateway or Gateway(config)
+        self.adopted = adopted
         self._stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
@@ -162,7 +170,7 @@ class Service:
             log.warning("%s", warning)
         gateway = self.gateway
         loop = asyncio.get_running_loop()
-        adopted = listen_fds()
+        adopted = listen_fds() if self.adopted is None else self.adopted
         try:
             endpoints = await gateway.start(self.listen, adopted=adopted)
             for endpoint in endpoints:

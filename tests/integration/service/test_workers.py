@@ -1,0 +1,187 @@
+"""``workers: N``: N processes serve the same listeners and share one ADDRESS ID table.
+
+Real ``socks64 serve`` processes; the kernel spreads connections over the workers'
+SO_REUSEPORT sockets, so a test opens enough connections to reach every worker (with 16,
+all on one of two workers has odds of 1 in 32768) and reads from the access log (its
+logger names the worker: ``socks64.access[1]``) which worker served which.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from tests.dnsserver import DnsServer
+from translator.wire import AddressId, Command, Rep, Reply, Request, decode_reply
+
+from .gateway_process import (
+    GatewayProcess,
+    Spawn,
+    echo_handler,
+    echo_round_trip,
+    free_port,
+    gateway_config,
+    recv_exactly,
+    scrape,
+    socks_greet,
+    spawn_fixture,  # noqa: F401 (the spawn fixture)
+    tcp_server,
+    value,
+    wait_for_metric,
+    write_config,
+)
+
+CONNECTIONS = 16
+LOOPBACK = IPv4Address("127.0.0.1")
+
+
+def serve_workers(spawn: Spawn, config: Path, count: int = 2) -> GatewayProcess:
+    child = spawn("serve", "--config", str(config))
+    child.wait_for(rf"{count} workers ready \(pids [\d, ]+\)")
+    return child
+
+
+def worker_pids(child: GatewayProcess) -> list[int]:
+    found = child.find(r"workers ready \(pids ([\d, ]+)\)")
+    return [int(pid) for pid in found[-1].group(1).split(", ")]
+
+
+def ask(sock: socket.socket, request: Request) -> Reply:
+    """One request on a greeted connection; its reply."""
+    sock.sendall(request.encode())
+    buffer = b""
+    while True:
+        got = decode_reply(buffer)
+        if got is not None:
+            return got[0]
+        buffer += recv_exactly(sock, 1)
+
+
+def associate(gateway: tuple[str, int], target: Any) -> Reply:
+    with socks_greet(gateway) as sock:
+        return ask(sock, Request(Command.ADDRESS_ASSOCIATE, target, 0))
+
+
+@contextmanager
+def connected_by_id(gateway: tuple[str, int], realid: int, port: int) -> Iterator[socket.socket]:
+    sock = socks_greet(gateway)
+    try:
+        reply = ask(sock, Request(Command.CONNECT, AddressId(realid), port))
+        assert reply.rep == Rep.SUCCEEDED, reply
+        yield sock
+    finally:
+        sock.close()
+
+
+def workers_in_log(child: GatewayProcess, after: int = 0) -> set[str]:
+    return {m.group(1) for m in child.find(r"socks64\.access\[(\d+)\]:", after=after)}
+
+
+def test_an_id_from_one_worker_works_on_every_worker(
+    tmp_path: Path, dns: DnsServer, spawn: Spawn
+) -> None:
+    port, metrics = free_port(), free_port()
+    config = write_config(
+        tmp_path / "socks64.yaml",
+        gateway_config(dns.address, [f"127.0.0.1:{port}"], metrics_port=metrics, workers=2),
+    )
+    gateway = ("127.0.0.1", port)
+    with tcp_server(echo_handler) as echo:
+        child = serve_workers(spawn, config)
+        replies = [associate(gateway, LOOPBACK) for _ in range(CONNECTIONS)]
+        assert {r.rep for r in replies} == {Rep.SUCCEEDED}
+        ids = {r.address for r in replies}
+        assert len(ids) == 1, ids  # the same owner and target: the same ID on every worker
+        (realid,) = (i.realid for i in ids if isinstance(i, AddressId))
+        for n in range(CONNECTIONS):
+            with connected_by_id(gateway, realid, echo.port) as relayed:
+                echo_round_trip(relayed, b"by id %d" % n)
+        wait_for_metric(metrics, "socks64_sessions_total", CONNECTIONS, command="CONNECT")
+        assert len(child.find(rf"CONNECT \[id:{realid:06x}\]:\d+ -> .* ok$")) == CONNECTIONS
+        assert workers_in_log(child) == {"0", "1"}
+        samples = scrape(metrics)
+        assert value(samples, "socks64_workers") == 2
+        assert value(samples, "socks64_address_ids") == 1  # one table, not one per worker
+        # A foreign owner's view is an unknown ID wherever it lands: REP X'09'.
+        with socks_greet(gateway) as sock:
+            reply = ask(sock, Request(Command.CONNECT, AddressId(realid ^ 0x5A5A5A), echo.port))
+            assert reply.rep == Rep.INVALID_ADDRESS
+        assert child.stop() == 0
+    child.assert_clean()
+
+
+def test_a_dead_worker_is_replaced_and_only_its_clients_lose_their_sessions(
+    tmp_path: Path, dns: DnsServer, spawn: Spawn
+) -> None:
+    port, metrics = free_port(), free_port()
+    config = write_config(
+        tmp_path / "socks64.yaml",
+        gateway_config(dns.address, [f"127.0.0.1:{port}"], metrics_port=metrics, workers=2),
+    )
+    gateway = ("127.0.0.1", port)
+    with tcp_server(echo_handler) as echo, ExitStack() as stack:
+        child = serve_workers(spawn, config)
+        realid = associate(gateway, LOOPBACK).address
+        assert isinstance(realid, AddressId)
+        sessions = [
+            stack.enter_context(connected_by_id(gateway, realid.realid, echo.port))
+            for _ in range(CONNECTIONS)
+        ]
+        for sock in sessions:
+            echo_round_trip(sock, b"before")
+        victim = worker_pids(child)[0]
+        mark = child.mark()
+        os.kill(victim, signal.SIGKILL)
+        child.wait_for(rf"worker 0 \(pid {victim}\) exited with signal SIGKILL", after=mark)
+        child.wait_for(r"socks64\[0\]: config .*; ready", after=mark, timeout=20)
+        survivors = lost = 0
+        for sock in sessions:
+            sock.settimeout(5)
+            try:
+                echo_round_trip(sock, b"after")
+            except (ConnectionError, OSError):
+                lost += 1
+            else:
+                survivors += 1
+        assert survivors and lost, (survivors, lost)  # only the dead worker's clients
+        # The table lives in the supervisor: the ID still works, on the new worker too.
+        for _ in range(CONNECTIONS):
+            with connected_by_id(gateway, realid.realid, echo.port) as relayed:
+                echo_round_trip(relayed, b"new")
+        assert workers_in_log(child, after=mark) == {"0", "1"}
+        wait_for_metric(metrics, "socks64_worker_restarts_total", 1)
+        wait_for_metric(metrics, "socks64_workers", 2)
+    assert child.stop() == 0
+    child.assert_clean()
+
+
+def test_reload_and_stop_reach_every_worker(tmp_path: Path, dns: DnsServer, spawn: Spawn) -> None:
+    port = free_port()
+    path = tmp_path / "socks64.yaml"
+    config = write_config(path, gateway_config(dns.address, [f"127.0.0.1:{port}"], workers=2))
+    child = serve_workers(spawn, config)
+    mark = child.mark()
+    rules = [{"action": "deny", "commands": ["ASSOCIATE"]}]
+    write_config(
+        path, gateway_config(dns.address, [f"127.0.0.1:{port}"], rules=rules, workers=2)
+    )
+    child.signal(signal.SIGHUP)
+    for slot in (0, 1):
+        child.wait_for(rf"socks64\.server\[{slot}\]: reloaded {re.escape(str(path))}", after=mark)
+    # Whichever worker answers, the new policy is in force.
+    for _ in range(CONNECTIONS):
+        assert associate(("127.0.0.1", port), LOOPBACK).rep == Rep.NOT_ALLOWED
+    mark = child.mark()
+    child.signal(signal.SIGTERM)
+    assert child.wait(timeout=15) == 0
+    for slot in (0, 1):
+        assert child.find(rf"socks64\[{slot}\]: stopping", after=mark)
+    assert child.find(r"socks64: stopped$", after=mark)
+    child.assert_clean()
