@@ -31,7 +31,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from addrmap import AddressTable
-from translator.config import Config, Endpoint
+from translator.config import Config, ConfigError, Endpoint, load_config
 from translator.gateway.listening import endpoint_of, listening_socket
 from translator.idtable import GRACE, LocalIds
 from translator.idtable.supervised import serve_request
@@ -287,6 +287,7 @@ class Supervisor:
         """SIGHUP: every worker re-reads the config; READY=1 when all have answered."""
         async with self._reload_lock:
             log.info("SIGHUP: reloading %d workers", self.count)
+            self._warn_fixed_settings()
             self.notifier.reloading()
             for worker in self.workers:
                 worker.ready.clear()
@@ -295,6 +296,17 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waits), _READY_TIMEOUT)
             self.notifier.ready(self.status_line())
+
+    def _warn_fixed_settings(self) -> None:
+        """What only the supervisor reads (its sockets, its table, its metrics endpoint)
+        changes at a restart; the workers apply the rest of a reload."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError:
+            return  # each worker logs the error and keeps its config
+        for section in ("listen", "workers", "metrics", "addrmap"):
+            if getattr(new, section) != getattr(self.config, section):
+                log.warning("reload: %s changes apply after a restart", section)
 
     @staticmethod
     def _signal(worker: _Worker, signum: int) -> None:

@@ -8,10 +8,12 @@ logger names the worker: ``socks64.access[1]``) which worker served which.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from ipaddress import IPv4Address
@@ -30,6 +32,7 @@ from .gateway_process import (
     gateway_config,
     recv_exactly,
     scrape,
+    socks_connect,
     socks_greet,
     spawn_fixture,  # noqa: F401 (the spawn fixture)
     tcp_server,
@@ -37,6 +40,9 @@ from .gateway_process import (
     wait_for_metric,
     write_config,
 )
+from .test_notify_and_activation import _ACTIVATE as ACTIVATE
+from .test_notify_and_activation import _message as notify_message
+from .test_notify_and_activation import notify_socket  # noqa: F401 (the fixture)
 
 CONNECTIONS = 16
 LOOPBACK = IPv4Address("127.0.0.1")
@@ -184,4 +190,57 @@ def test_reload_and_stop_reach_every_worker(tmp_path: Path, dns: DnsServer, spaw
     for slot in (0, 1):
         assert child.find(rf"socks64\[{slot}\]: stopping", after=mark)
     assert child.find(r"socks64: stopped$", after=mark)
+    child.assert_clean()
+
+
+def test_systemd_hears_from_the_supervisor_once_for_all_workers(
+    tmp_path: Path,
+    dns: DnsServer,
+    spawn: Spawn,
+    notify_socket: socket.socket,  # noqa: F811 (the fixture)
+) -> None:
+    port = free_port()
+    config = write_config(
+        tmp_path / "socks64.yaml", gateway_config(dns.address, [f"127.0.0.1:{port}"], workers=2)
+    )
+    child = spawn(
+        "serve", "--config", str(config), env={"NOTIFY_SOCKET": notify_socket.getsockname()}
+    )
+    ready = notify_message(notify_socket)
+    assert ready["READY"] == "1" and "2/2 workers" in ready["STATUS"], ready
+    assert len(child.find(r"socks64\[\d\]: config .*; ready$")) == 2  # both, before READY=1
+    mark = child.mark()
+    child.signal(signal.SIGHUP)
+    assert notify_message(notify_socket)["RELOADING"] == "1"
+    assert notify_message(notify_socket)["READY"] == "1"
+    assert len(child.find(r"socks64\.server\[\d\]: reloaded ", after=mark)) == 2
+    child.signal(signal.SIGTERM)
+    assert notify_message(notify_socket) == {"STOPPING": "1"}
+    assert child.wait(timeout=15) == 0
+    child.assert_clean()
+
+
+def test_workers_share_a_socket_passed_by_systemd(
+    tmp_path: Path, dns: DnsServer, spawn: Spawn
+) -> None:
+    own_port = free_port()
+    config = write_config(
+        tmp_path / "socks64.yaml",
+        gateway_config(dns.address, [f"127.0.0.1:{own_port}"], workers=2),
+    )
+    passed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with contextlib.closing(passed), tcp_server(echo_handler) as echo:
+        passed.bind(("127.0.0.1", 0))
+        passed.listen(64)
+        activated = ("127.0.0.1", int(passed.getsockname()[1]))
+        argv = [sys.executable, "-c", ACTIVATE, str(passed.fileno())]
+        argv += ["serve", "--config", str(config)]
+        child = spawn(argv=argv, pass_fds=[passed.fileno()])
+        child.wait_for(r"2 workers ready .*; listening on .*")
+        passed.close()
+        for n in range(CONNECTIONS):
+            with socks_connect(activated, "127.0.0.1", echo.port) as relayed:
+                echo_round_trip(relayed, b"passed %d" % n)
+        assert workers_in_log(child) == {"0", "1"}
+        assert child.stop() == 0
     child.assert_clean()
