@@ -43,6 +43,8 @@ from .gateway_process import (
 from .test_notify_and_activation import _ACTIVATE as ACTIVATE
 from .test_notify_and_activation import _message as notify_message
 from .test_notify_and_activation import notify_socket  # noqa: F401 (the fixture)
+from .test_unprivileged import BROKEN
+from .test_unprivileged import _need_root_and_nobody as need_root_and_nobody
 
 CONNECTIONS = 16
 LOOPBACK = IPv4Address("127.0.0.1")
@@ -244,3 +246,42 @@ def test_workers_share_a_socket_passed_by_systemd(
         assert workers_in_log(child) == {"0", "1"}
         assert child.stop() == 0
     child.assert_clean()
+
+
+def test_workers_drop_to_the_user_and_the_supervisor_keeps_root(
+    tmp_path: Path, dns: DnsServer, spawn: Spawn
+) -> None:
+    nobody = need_root_and_nobody()
+    tmp_path.chmod(0o755)  # nobody reads the config on reload
+    port = free_port()
+    config = write_config(
+        tmp_path / "socks64.yaml",
+        gateway_config(dns.address, [f"127.0.0.1:{port}"], workers=2, user="nobody"),
+    )
+    config.chmod(0o644)
+    gateway = ("127.0.0.1", port)
+    with tcp_server(echo_handler) as echo:
+        child = serve_workers(spawn, config)
+        for pid in worker_pids(child):
+            assert _uid_of(pid) == nobody.pw_uid
+        assert _uid_of(child.pid) == 0  # it starts workers exactly like the first ones
+        realid = associate(gateway, LOOPBACK).address
+        assert isinstance(realid, AddressId)
+        for _ in range(CONNECTIONS):
+            with connected_by_id(gateway, realid.realid, echo.port) as relayed:
+                echo_round_trip(relayed, b"as nobody")
+        assert workers_in_log(child) == {"0", "1"}
+        victim = worker_pids(child)[1]
+        mark = child.mark()
+        os.kill(victim, signal.SIGKILL)
+        child.wait_for(r"socks64\[1\]: config .*; ready$", after=mark, timeout=20)
+        assert child.stop() == 0
+    assert not BROKEN.search(child.output), child.output
+    child.assert_clean()
+
+
+def _uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid in /proc/{pid}/status")
