@@ -53,19 +53,24 @@ def inherited_capabilities(config: Config) -> set[int]:
 
 
 def prepare_state_directory(config: Config) -> str | None:
-    """Before the drop to ``user:``: the pool's state file is rewritten (a new file renamed
-    over it) by that user, so its directory must be the user's. A directory named
-    ``socks64`` (the default /var/lib/socks64; systemd's StateDirectory=socks64) is handed
-    to the user; any other is left alone and must already be writable by it. Returns what
-    was done, for the log."""
-    path = config.transparent.state_file
-    if path is None or not config.transparent.enabled or config.user is None:
+    """Before the drop to ``user:``: a state file (the ID table's, the pool's) is rewritten
+    (a new file renamed over it) by that user, so its directory must be the user's. A
+    directory named ``socks64`` (/var/lib/socks64; systemd's StateDirectory=socks64) is
+    handed to the user; any other is left alone and must already be writable by it.
+    Returns what was done, for the log."""
+    paths = [config.addrmap.state_file]  # the ID table's, saved by this process
+    if config.transparent.enabled:
+        paths.append(config.transparent.state_file)
+    if config.user is None:
         return None
-    directory = Path(path).parent
     uid, gid = privileges.account_ids(config.user, config.group)
-    if directory.name == "socks64" and directory.stat().st_uid != uid:
-        os.chown(directory, uid, gid)
-        return f"state directory {directory} handed to uid {uid}"
+    for path in paths:
+        if path is None:
+            continue
+        directory = Path(path).parent
+        if directory.name == "socks64" and directory.stat().st_uid != uid:
+            os.chown(directory, uid, gid)
+            return f"state directory {directory} handed to uid {uid}"
     return None
 
 
