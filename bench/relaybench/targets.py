@@ -31,8 +31,8 @@ class Target:
 
     def argv(self, binary: str, port: int, workdir: Path) -> list[str]:
         """Command line that runs this proxy in the foreground on 127.0.0.1:``port``."""
-        if self.name == "socks64":
-            config = CONFIG_DIR / "socks64.yaml"
+        if self.name in CONFIGS:
+            config = CONFIG_DIR / CONFIGS[self.name]
             return [binary, "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"]
         if self.name == "dante":
             template = (CONFIG_DIR / "danted.conf").read_text()
@@ -44,9 +44,16 @@ class Target:
         raise ValueError(f"{self.name} is not a proxy")
 
 
+#: socks64 as installed by default (one process), and with workers (issue 11)
+CONFIGS = {
+    "socks64": "socks64.yaml",
+    "socks64-workers": "socks64-workers.yaml",  # workers: auto
+}
+
 TARGETS = {
     "direct": Target("direct", None, None),
     "socks64": Target("socks64", "socks64", None),
+    "socks64-workers": Target("socks64-workers", "socks64", None),
     "dante": Target("dante", "danted", "dante-server"),
     "microsocks": Target("microsocks", "microsocks", "microsocks"),
 }
@@ -54,7 +61,7 @@ TARGETS = {
 
 def find_binary(target: Target, socks64: str | None) -> str | None:
     """Path of the target's binary; socks64 comes from the repository's venv by default."""
-    if target.name == "socks64":
+    if target.binary == "socks64":
         candidates = [socks64] if socks64 else [str(REPO_DIR / ".venv/bin/socks64")]
         for candidate in candidates:
             if candidate and os.access(candidate, os.X_OK):
@@ -125,7 +132,7 @@ def version_of(target: Target, binary: str) -> str:
         )
         if done.returncode == 0:
             return done.stdout.strip()
-    if target.name == "socks64":
+    if target.binary == "socks64":
         python = Path(binary).parent / "python"
         done = subprocess.run(
             [str(python), "-c", "import importlib.metadata as m; print(m.version('socks64'))"],
