@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from tests.dnsserver import DnsServer
-from translator.wire import AddressId, Command, Rep, Reply, Request, decode_reply
+from translator.wire import (
+    AddressId,
+    Command,
+    Rep,
+    Reply,
+    Request,
+    UdpDatagram,
+    decode_reply,
+    decode_udp_datagram,
+)
 
 from .gateway_process import (
     GatewayProcess,
@@ -36,6 +45,7 @@ from .gateway_process import (
     socks_greet,
     spawn_fixture,  # noqa: F401 (the spawn fixture)
     tcp_server,
+    udp_echo,
     value,
     wait_for_metric,
     write_config,
@@ -285,3 +295,40 @@ def _uid_of(pid: int) -> int:
         if line.startswith("Uid:"):
             return int(line.split()[1])
     raise AssertionError(f"no Uid in /proc/{pid}/status")
+
+
+def test_a_datagram_to_an_id_made_on_another_worker_is_relayed(
+    tmp_path: Path, dns: DnsServer, spawn: Spawn
+) -> None:
+    port = free_port()
+    config = write_config(
+        tmp_path / "socks64.yaml", gateway_config(dns.address, [f"127.0.0.1:{port}"], workers=2)
+    )
+    gateway = ("127.0.0.1", port)
+    with udp_echo() as echo:
+        child = serve_workers(spawn, config)
+        realid = associate(gateway, LOOPBACK).address
+        assert isinstance(realid, AddressId)
+        for n in range(CONNECTIONS):
+            with (
+                socks_greet(gateway) as control,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+            ):
+                client.bind(("127.0.0.1", 0))
+                client.settimeout(5)
+                declared = IPv4Address("127.0.0.1")
+                reply = ask(
+                    control,
+                    Request(Command.UDP_ASSOCIATE, declared, client.getsockname()[1]),
+                )
+                assert reply.rep == Rep.SUCCEEDED, reply
+                relay = (str(reply.address), reply.port)
+                payload = b"datagram %d" % n
+                client.sendto(UdpDatagram(realid, echo.port, payload).encode(), relay)
+                answer = decode_udp_datagram(client.recv(65536))
+                assert answer.data == b"echo:" + payload
+                assert answer.address == LOOPBACK and answer.port == echo.port
+        workers = {m.group(1) for m in child.find(r"access\[(\d)\]: .* UDP_ASSOCIATE ")}
+        assert workers == {"0", "1"}
+        assert child.stop() == 0
+    child.assert_clean()
