@@ -332,3 +332,41 @@ def test_a_datagram_to_an_id_made_on_another_worker_is_relayed(
         assert workers == {"0", "1"}
         assert child.stop() == 0
     child.assert_clean()
+
+
+def test_udp_aa_names_peers_by_ids_every_worker_knows(
+    tmp_path: Path, dns: DnsServer, spawn: Spawn
+) -> None:
+    port = free_port()
+    config = write_config(
+        tmp_path / "socks64.yaml", gateway_config(dns.address, [f"127.0.0.1:{port}"], workers=2)
+    )
+    gateway = ("127.0.0.1", port)
+    with udp_echo() as echo:
+        child = serve_workers(spawn, config)
+        seen: set[AddressId] = set()
+        for n in range(CONNECTIONS):
+            with (
+                socks_greet(gateway) as control,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+            ):
+                client.bind(("127.0.0.1", 0))
+                client.settimeout(5)
+                request = Request(Command.UDP_ASSOCIATE_AA, LOOPBACK, client.getsockname()[1])
+                reply = ask(control, request)
+                assert reply.rep == Rep.SUCCEEDED, reply
+                relay = ("127.0.0.1", reply.port)
+                payload = b"aa %d" % n
+                client.sendto(UdpDatagram(LOOPBACK, echo.port, payload).encode(), relay)
+                answer = decode_udp_datagram(client.recv(65536))
+                assert answer.data == b"echo:" + payload
+                assert isinstance(answer.address, AddressId)  # the peer, as an ID
+                seen.add(answer.address)
+        assert len(seen) == 1  # one owner, one peer: one ID, whichever worker rendered it
+        (peer,) = seen
+        for _ in range(4):
+            assert associate(gateway, peer).address == peer  # and every worker knows it
+        workers = {m.group(1) for m in child.find(r"access\[(\d)\]: .* UDP_ASSOCIATE_AA ")}
+        assert workers == {"0", "1"}
+        assert child.stop() == 0
+    child.assert_clean()
