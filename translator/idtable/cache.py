@@ -135,7 +135,7 @@ class CachedIds(Ids):
         """Flush uses and pins, let the authority expire, forget what expired here."""
         now = self._clock()
         uses = list(self._used.items())
-        uses += [(self._by_id[r].owner, r) for r in self._pins if r not in self._used]
+        uses += [(r, self._by_id[r].owner) for r in self._pins if r not in self._used]
         self._used.clear()
         freed = 0
         try:

@@ -102,6 +102,11 @@ def summarize(text: str) -> str:
         endpoints = sorted(lb["endpoint"] for lb, v in s["socks64_listener_info"] if v)
         out.append("listeners: " + (", ".join(endpoints) if endpoints else "none"))
 
+    workers = _total(s, "socks64_workers")
+    if workers is not None:
+        restarts = _total(s, "socks64_worker_restarts_total") or 0
+        out.append(f"workers: {_num(workers)} running, {_num(restarts)} restarted")
+
     if "socks64_sessions_active" in s:
         by_command = _by(s, "socks64_sessions_active", "command")
         active = {c: n for c, n in sorted(by_command.items()) if n}

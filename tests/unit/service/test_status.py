@@ -155,3 +155,12 @@ def test_the_transparent_front_has_its_line_and_its_refusals() -> None:
         "flows tcp 3 (1 open), udp 1 (0 open)"
     ) in lines
     assert lines[lines.index("top refusals:") + 1].split(None, 1) == ["2", "transparent: unbound"]
+
+
+def test_workers_have_their_line() -> None:
+    text = (
+        "# TYPE socks64_workers gauge\nsocks64_workers 4.0\n"
+        "# TYPE socks64_worker_restarts counter\nsocks64_worker_restarts_total 1.0\n"
+    )
+    assert "workers: 4 running, 1 restarted" in summarize(text).splitlines()
+    assert "workers" not in summarize(busy_gateway().render().decode())
