@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from addrmap import AddressTable, Owner, TableStats, Target
+from addrmap import AddressTable, AddrMapError, Owner, TableStats, Target
 
 from .base import TableUnavailable
 
@@ -39,7 +39,10 @@ class LinkAuthority:
     async def _call(self, kind: str, payload: Any) -> Any:
         try:
             return await self.link.call(kind, payload, wait=_WAIT)
-        except (ConnectionError, TimeoutError) as exc:
+        except AddrMapError:
+            raise  # a limit or a bad target: the table's answer, as in one process
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            # RuntimeError: the supervisor failed on it (its log says why)
             raise TableUnavailable(f"the supervisor's ID table: {exc or 'no answer'}") from None
 
     async def associate(self, owner: Owner, target: Target) -> int:
