@@ -1,7 +1,9 @@
 """socks64 address table: ADDRESS ID (ATYP X'08') associations, per wire profile section 4.
 
 Pure Python, no I/O: the gateway passes a clock and calls :meth:`AddressTable.expire`
-now and then. See :mod:`addrmap.table` for how it works.
+now and then. See :mod:`addrmap.table` for how it works, and :mod:`addrmap.snapshot` for
+how its IDs and quarantine survive a restart (exported here as ``snapshot_table`` and
+``restore_table``: a package attribute named ``snapshot`` would hide that module).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from addrmap.errors import (
 from addrmap.fakeip import POOL_OWNER, Binding, FakeIpPool, PoolSnapshot
 from addrmap.ids import MAX_REALID
 from addrmap.owner import Owner, Target
+from addrmap.snapshot import SavedEntry, TableSnapshot
+from addrmap.snapshot import restore as restore_table
+from addrmap.snapshot import snapshot as snapshot_table
 from addrmap.table import AddressTable, TableStats
 
 __all__ = [
@@ -35,6 +40,10 @@ __all__ = [
     "PoolExhausted",
     "PoolSnapshot",
     "QuotaExceeded",
+    "SavedEntry",
+    "TableSnapshot",
     "TableStats",
     "Target",
+    "restore_table",
+    "snapshot_table",
 ]

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import heapq
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TypeAlias
@@ -230,6 +230,11 @@ class AddressTable:
     def ttl(self) -> float:
         """Idle lifetime of an entry, in seconds."""
         return self._ttl
+
+    @property
+    def quarantine_period(self) -> float:
+        """How long a freed REALID stays unusable, in seconds (0: not at all)."""
+        return self._quarantine.period
 
     @property
     def granularity(self) -> float:
@@ -417,6 +422,45 @@ class AddressTable:
             quota_refusals=self._quota_refusals,
             capacity_refusals=self._capacity_refusals,
         )
+
+    # ------------------------------------------- state hooks (addrmap.snapshot only)
+
+    def _held(self) -> Iterator[tuple[int, Owner, Target, float, bool]]:
+        """``(realid, owner, target, last_use, pinned)`` of every entry held.
+
+        Expired entries not reclaimed yet are included: the caller tells them apart.
+        """
+        pins = self._pins
+        for realid, entry in self._by_id.items():
+            yield realid, entry.owner, entry.target, entry.last_use, realid in pins
+
+    def _quarantined(self) -> list[tuple[int, float]]:
+        """``(realid, release time)`` of every quarantined REALID."""
+        return self._quarantine.items()
+
+    def _restore_entry(self, realid: int, owner: Owner, target: Target, last_use: float) -> None:
+        """Hold an entry made by an earlier process, exactly as if associate() had made it:
+        indexed by ID and by owner + target, and filed in the wheel under its deadline."""
+        stored, key = _normalize(target)
+        state = self._owners.get(owner)
+        if not 0 < realid <= MAX_REALID or realid in self._by_id or realid in self._quarantine:
+            raise ValueError(f"REALID {realid} is out of range, live or quarantined")
+        if state is not None and key in state.by_target:
+            raise ValueError(f"{owner} already holds an ID for {stored}")
+        if state is None:
+            state = self._owners[owner] = _OwnerState(owner)
+        entry = _Entry(state.owner, stored, last_use)
+        self._by_id[realid] = entry
+        state.by_target[key] = realid
+        self._file_in(entry, int((last_use + self._ttl) // self._granularity))
+
+    def _restore_quarantined(self, realid: int, freed_at: float) -> None:
+        """Quarantine ``realid`` as if an entry holding it had been freed at ``freed_at``."""
+        if not 0 < realid <= MAX_REALID or realid in self._by_id or realid in self._quarantine:
+            raise ValueError(f"REALID {realid} is out of range, live or quarantined")
+        release = self._quarantine.add(realid, freed_at)
+        if release < self._due:
+            self._due = release
 
     # ---------------------------------------------------------------- internals
 

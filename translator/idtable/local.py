@@ -7,12 +7,12 @@ reissues a quarantined REALID (wire profile, section 4).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
-from addrmap.snapshot import restore, snapshot
-
 from addrmap import AddressTable, Owner, TableStats, Target
+from addrmap.snapshot import restore, snapshot
 
 from . import statefile
 from .base import Ids
@@ -36,6 +36,7 @@ class LocalIds(Ids):
         self._next_save = 0.0
         self._last_save = 0.0
         self._save_failing = False
+        self._saving = asyncio.Lock()
 
     def cached(self, owner: Owner, realid: int) -> Target | None:
         return self.table.lookup(owner, realid)
@@ -64,7 +65,7 @@ class LocalIds(Ids):
         if self.state_file is not None and now >= self._next_save:
             self._next_save = now + _SAVE_INTERVAL
             refresh = len(self.table) and now - self._last_save >= _REFRESH_INTERVAL
-            self.save(only_if_changed=not refresh)
+            await self.save(only_if_changed=not refresh)
         return freed
 
     @property
@@ -77,17 +78,18 @@ class LocalIds(Ids):
     # -- persistence --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.load()
+        await self.load()
 
     async def close(self) -> None:
-        self.save()
+        await self.save()
 
-    def load(self) -> int:
-        """Restore the saved table into the (empty) table; a bad file is logged, not fatal."""
+    async def load(self) -> int:
+        """Restore the saved table into the (empty) table; a bad file is logged, not fatal.
+        Reading and parsing run in a thread (a million IDs take seconds)."""
         if self.state_file is None:
             return 0
         try:
-            loaded = statefile.load(self.state_file)
+            loaded = await asyncio.to_thread(statefile.load, self.state_file)
         except statefile.StateFileError as exc:
             log.error("%s; starting with an empty ID table", exc)
             return 0
@@ -101,32 +103,36 @@ class LocalIds(Ids):
             self.table.stats.quarantined,
             self.state_file,
         )
-        self._mark_saved()
+        self._mark_saved(self.table.stats)
         return restored
 
-    def save(self, *, only_if_changed: bool = False) -> None:
-        """Write the table to ``state_file`` (logged once while it keeps failing)."""
+    async def save(self, *, only_if_changed: bool = False) -> None:
+        """Write the table to ``state_file`` (logged once while it keeps failing). The
+        snapshot is taken here; encoding and writing it run in a thread."""
         if self.state_file is None:
             return
-        stats = self.table.stats
-        if only_if_changed and (stats.issued, stats.freed) == (
-            self._saved_issued,
-            self._saved_freed,
-        ):
-            return
-        try:
-            statefile.save(self.state_file, snapshot(self.table), saved_at=time.time())
-        except OSError as exc:
-            if not self._save_failing:
-                log.error("cannot save the ID table to %s: %s", self.state_file, exc)
-                self._save_failing = True
-            return
-        if self._save_failing:
-            log.info("ID table saved to %s again", self.state_file)
-            self._save_failing = False
-        self._mark_saved()
+        async with self._saving:  # the periodic save and the one at stop never overlap
+            stats = self.table.stats
+            if only_if_changed and (stats.issued, stats.freed) == (
+                self._saved_issued,
+                self._saved_freed,
+            ):
+                return
+            snap = snapshot(self.table)
+            saved_at = time.time()
+            try:
+                await asyncio.to_thread(statefile.save, self.state_file, snap, saved_at=saved_at)
+            except OSError as exc:
+                if not self._save_failing:
+                    log.error("cannot save the ID table to %s: %s", self.state_file, exc)
+                    self._save_failing = True
+                return
+            if self._save_failing:
+                log.info("ID table saved to %s again", self.state_file)
+                self._save_failing = False
+            self._mark_saved(stats)
 
-    def _mark_saved(self) -> None:
+    def _mark_saved(self, stats: TableStats) -> None:
+        """What was saved: the table as of ``stats`` (later changes are saved next time)."""
         self._last_save = self.table.clock()
-        stats = self.table.stats
         self._saved_issued, self._saved_freed = stats.issued, stats.freed
