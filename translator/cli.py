@@ -209,7 +209,15 @@ def config_warnings(config: Config) -> list[str]:
                     f"transparent.pool {transparent.pool} overlaps local network(s) "
                     f"{', '.join(conflicts)}: the gateway will refuse to start"
                 )
-    capacity = capacity_warning(config.limits.max_clients, hard)
+    count, cpus = worker_count(config), len(os.sched_getaffinity(0))
+    if count > cpus:
+        warnings.append(
+            f"workers: {count} is more than the {cpus} CPU(s) this process may use: "
+            "workers will share cores (auto: one per CPU)"
+        )
+    if config.addrmap.state_file and config.addrmap.redis_url:
+        warnings.append("addrmap.state_file is not used with a Redis backend")
+    capacity = capacity_warning(config.limits.max_clients * count, hard)
     if capacity:
         warnings.append(capacity)
     return warnings

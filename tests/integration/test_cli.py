@@ -173,3 +173,16 @@ def test_hash_password_line_is_accepted_by_the_gateway(tmp_path: Path) -> None:
 
     assert Credentials.load(users).verify("alice", "s3cret")
     assert not Credentials.load(users).verify("alice", "wrong")
+
+
+def test_check_config_warns_about_more_workers_than_cpus(tmp_path: Path) -> None:
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    config = tmp_path / "workers.yaml"
+    config.write_text(f"workers: {cpus + 1}\n", encoding="utf-8")
+    done = subprocess.run(
+        [*SOCKS64, "check-config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"workers: {cpus + 1} is more than the {cpus} CPU(s)" in done.stdout + done.stderr
