@@ -203,3 +203,20 @@ def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
         if record.levelno >= logging.ERROR and record.name.split(".")[0] in ("socks64", "asyncio")
     ]
     assert not errors, [record.getMessage() for record in errors]
+
+
+from tests.redisfixture import RedisServer, redis_server_path, running_redis  # noqa: E402
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own on a free loopback port (``.url``), killed after
+    it; ``.stop()``/``.start()`` simulate an outage. Missing redis-server: fails under CI
+    (the test command installs it), else skips."""
+    if redis_server_path() is None:
+        message = "redis-server is not installed (the README test command installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    with running_redis() as server:
+        yield server
