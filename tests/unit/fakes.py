@@ -9,9 +9,9 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from addrmap import AddressTable
-from translator.idtable import LocalIds
 from translator.config import config_from_mapping
 from translator.gateway.context import RequestContext, Services
+from translator.idtable import LocalIds
 from translator.net.addresses import IPAddress
 from translator.net.interfaces import NoInterface
 from translator.net.resolver import ResolveError, ResolveReason
