@@ -30,7 +30,7 @@ async def serve_socks4(ctx: RequestContext, request: Socks4Request) -> Relay | A
         Socks4Status.GRANTED, listener.port, _v4_or_unspecified(ctx, listener.address)
     )
 
-    def second(peer: IPAddress, port: int) -> Socks4Reply:
+    async def second(peer: IPAddress, port: int) -> Socks4Reply:
         return Socks4Reply(Socks4Status.GRANTED, port, _v4_or_unspecified(ctx, peer))
 
     return AwaitPeer(first, listener, expected, second, listener.close)
