@@ -185,8 +185,13 @@ class Supervisor:
         worker.ready.clear()
         worker.link = ControlLink(ours, partial(self._on_message, worker))
         try:
+            # A session of its own: Ctrl-C in a terminal reaches the supervisor only, which
+            # stops the workers once (a second signal would cut their grace short).
             worker.process = await asyncio.create_subprocess_exec(
-                *argv, env=environ, pass_fds=(theirs.fileno(), *listeners)
+                *argv,
+                env=environ,
+                pass_fds=(theirs.fileno(), *listeners),
+                start_new_session=True,
             )
         finally:
             theirs.close()
