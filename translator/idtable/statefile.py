@@ -19,17 +19,16 @@ next save replaces the file).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from addrmap import SavedEntry, TableSnapshot
 from addrmap.snapshot import check
+from translator.atomicwrite import write_atomically
 
 FORMAT = "socks64-idtable-state"
 VERSION = 1
@@ -121,26 +120,7 @@ def save(path: StrPath, snap: TableSnapshot, *, saved_at: float) -> None:
     directories are created (0750). Raises OSError when the file cannot be written; the
     old file, if any, is then left as it was and no temporary file remains.
     """
-    target = Path(path)
-    text = encode(snap, saved_at=saved_at)
-    target.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o600)  # mkstemp's default too, but say so: the file is private
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power cut
-    finally:
-        os.close(directory)
+    write_atomically(path, encode(snap, saved_at=saved_at), mode=0o600)
 
 
 def elapsed_since(saved_at: float, now: float | None = None) -> float:

@@ -14,12 +14,12 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 from addrmap import Binding, PoolSnapshot
+from translator.atomicwrite import write_atomically
 
 log = logging.getLogger("socks64.transparent")
 
@@ -76,24 +76,7 @@ def load(path: str) -> PoolSnapshot | None:
 
 def save(path: str, snapshot: PoolSnapshot, pool: IPv4Network) -> None:
     """Write atomically; OSError when the directory cannot be created or written."""
-    target = Path(path)
-    target.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(encode(snapshot, pool))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power cut
-    finally:
-        os.close(directory)
+    write_atomically(path, encode(snapshot, pool), mode=0o600)
 
 
 def check_writable(path: str) -> None:

@@ -297,6 +297,23 @@ def _uid_of(pid: int) -> int:
     raise AssertionError(f"no Uid in /proc/{pid}/status")
 
 
+@contextmanager
+def udp_session(
+    gateway: tuple[str, int], command: Command
+) -> Iterator[tuple[socket.socket, tuple[str, int]]]:
+    """A UDP association (its control connection held open): the client's socket and the
+    relay's address."""
+    with (
+        socks_greet(gateway) as control,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        client.bind(("127.0.0.1", 0))
+        client.settimeout(5)
+        reply = ask(control, Request(command, LOOPBACK, client.getsockname()[1]))
+        assert reply.rep == Rep.SUCCEEDED, reply
+        yield client, ("127.0.0.1", reply.port)
+
+
 def test_a_datagram_to_an_id_made_on_another_worker_is_relayed(
     tmp_path: Path, dns: DnsServer, spawn: Spawn
 ) -> None:
@@ -310,19 +327,7 @@ def test_a_datagram_to_an_id_made_on_another_worker_is_relayed(
         realid = associate(gateway, LOOPBACK).address
         assert isinstance(realid, AddressId)
         for n in range(CONNECTIONS):
-            with (
-                socks_greet(gateway) as control,
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
-            ):
-                client.bind(("127.0.0.1", 0))
-                client.settimeout(5)
-                declared = IPv4Address("127.0.0.1")
-                reply = ask(
-                    control,
-                    Request(Command.UDP_ASSOCIATE, declared, client.getsockname()[1]),
-                )
-                assert reply.rep == Rep.SUCCEEDED, reply
-                relay = (str(reply.address), reply.port)
+            with udp_session(gateway, Command.UDP_ASSOCIATE) as (client, relay):
                 payload = b"datagram %d" % n
                 client.sendto(UdpDatagram(realid, echo.port, payload).encode(), relay)
                 answer = decode_udp_datagram(client.recv(65536))
@@ -346,16 +351,7 @@ def test_udp_aa_names_peers_by_ids_every_worker_knows(
         child = serve_workers(spawn, config)
         seen: set[AddressId] = set()
         for n in range(CONNECTIONS):
-            with (
-                socks_greet(gateway) as control,
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
-            ):
-                client.bind(("127.0.0.1", 0))
-                client.settimeout(5)
-                request = Request(Command.UDP_ASSOCIATE_AA, LOOPBACK, client.getsockname()[1])
-                reply = ask(control, request)
-                assert reply.rep == Rep.SUCCEEDED, reply
-                relay = ("127.0.0.1", reply.port)
+            with udp_session(gateway, Command.UDP_ASSOCIATE_AA) as (client, relay):
                 payload = b"aa %d" % n
                 client.sendto(UdpDatagram(LOOPBACK, echo.port, payload).encode(), relay)
                 answer = decode_udp_datagram(client.recv(65536))
