@@ -30,7 +30,7 @@ from translator.idtable.setup import redis_ids
 from translator.metrics import Metrics, table_metrics, udp_metrics
 from translator.net.addresses import IPAddress
 from translator.net.exporter import MetricsServer
-from translator.net.happy_eyeballs import connect_happy, connect_socket
+from translator.net.happy_eyeballs import connect_happy, connect_one, connect_socket
 from translator.net.interfaces import Interface, InterfaceAddress
 from translator.net.resolver import Resolver
 from translator.net.watcher import InterfaceWatcher
@@ -179,6 +179,7 @@ class Gateway:
         self._sweeper: asyncio.Task[None] | None = None
         self._auth_slots: asyncio.Semaphore | None = None
         self._reject_log = RateLimitedLog()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop start() ran on
 
     @property
     def active_sessions(self) -> int:
@@ -196,17 +197,29 @@ class Gateway:
             socket.AF_INET6: self.metrics.connect_seconds.labels("ipv6"),
         }
 
+        interface = config.outbound.interface
+        timeout = config.timeouts.connect
+        v4, v6 = by_family[socket.AF_INET], by_family[socket.AF_INET6]
+        observe = self.metrics.observe  # at the next scrape: no lock and checks per connect
+
         async def connect(addresses: Sequence[IPAddress], port: int) -> socket.socket:
             started = time.monotonic()
+            if len(addresses) == 1:  # an IP literal: nothing to race, no tasks to start
+                address = addresses[0]
+                sock = await connect_one(
+                    address, port, timeout=timeout, interface=interface, loop=self._loop
+                )
+                observe(v6 if address.version == 6 else v4, time.monotonic() - started)
+                return sock
             sock = await connect_happy(
                 addresses,
                 port,
                 prefer=rc.prefer_family,
                 delay=rc.happy_eyeballs_delay,
-                timeout=config.timeouts.connect,
+                timeout=timeout,
                 attempt=attempt,
             )
-            by_family[sock.family].observe(time.monotonic() - started)
+            observe(by_family[sock.family], time.monotonic() - started)
             return sock
 
         return connect
@@ -220,6 +233,7 @@ class Gateway:
         """Open every listener (and the metrics endpoint); returns the bound endpoints
         (real ports for port 0). ``adopted``: listening sockets from systemd."""
         self._auth_slots = asyncio.Semaphore(_CONCURRENT_PASSWORD_CHECKS)
+        self._loop = asyncio.get_running_loop()
         self._listen_override = list(listen) if listen else None
         try:
             await self.ids.start()
@@ -337,11 +351,11 @@ class Gateway:
             self._reject_log(log, "closing a connection from %s: %s limit reached", client, refused)
             return
         self.metrics.connection_accepted(endpoint)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # TCP_NODELAY: inherited from the listener (Listeners sets it there, or on the
+        # connection where the listener would not take it)
         services = self.services
-        task = asyncio.ensure_future(
-            self._serve(services, Channel(sock, asyncio.get_running_loop()), client)
-        )
+        loop = self._loop or asyncio.get_running_loop()  # known once started: no getpid
+        task = loop.create_task(self._serve(services, Channel(sock, loop), client))
         self._sessions[task] = services
         task.add_done_callback(self._session_done)
 
