@@ -14,8 +14,9 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
+from ipaddress import IPv4Address
 
-from translator.net.addresses import IPAddress, sockaddr_ip
+from translator.net.addresses import IPAddress, ip_text, sockaddr_ip
 from translator.relay.channel import Channel, ChannelClosed
 from translator.relay.listeners import BindListener
 from translator.relay.tcp import RelayStats, relay
@@ -76,15 +77,19 @@ class Session:
         self.services = services
         self.config = services.config
         self.channel = channel
-        peer = channel.peername
+        peer = channel.peername  # raises OSError for a client reset before it is served
         self.ctx = RequestContext(
             services,
             client_ip=sockaddr_ip(peer),
             client_port=int(peer[1]),  # type: ignore[call-overload]
-            facing_ip=sockaddr_ip(channel.sockname),
+            facing_of=lambda: sockaddr_ip(channel.sockname),  # few requests need it
         )
+        host = peer[0]
+        if isinstance(host, str) and "." in host and ":" not in host:
+            self.ctx.client_host = host  # IPv4's text from the kernel is str(client_ip)
         self.conn = ServerConnection()
         self._doing: object = "handshake"  # for the log when the client leaves
+        self._first_read = True
         self._on_first_request = on_first_request
         self.record = SessionRecord(
             self.ctx, family_name(self.ctx.client_ip.version), services.metrics
@@ -108,25 +113,28 @@ class Session:
 
     async def _next_event(self, deadline: float) -> Event:
         """The next client message; TimeoutError at ``deadline`` (loop time)."""
-        loop = asyncio.get_running_loop()
         while True:
             event = self.conn.next_event()
             if not isinstance(event, Signal):
                 return event
             if event is Signal.PAUSED:
                 raise AssertionError("codec paused with no answer pending")
+            channel = self.channel
             try:
-                # Most requests are already in the kernel: skip the loop round trip.
-                data = self.channel.recv_ready(_REQUEST_READ_SIZE)
+                data = None
+                if self._first_read:
+                    # The greeting is usually in the kernel by the time the connection is
+                    # accepted: skip the loop round trip. Later messages answer a reply
+                    # of ours and are not there yet: a try would only cost a failed recv.
+                    self._first_read = False
+                    data = channel.recv_ready(_REQUEST_READ_SIZE)
+                if data is None:
+                    if channel.loop.time() >= deadline:
+                        raise TimeoutError
+                    data = await channel.recv_before(_REQUEST_READ_SIZE, deadline)
             except ChannelClosed as exc:
                 raise ClientGone(str(exc)) from None
-            if data is None:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(remaining):
-                    data = await self._read(_REQUEST_READ_SIZE)
-            elif not data:
+            if not data:
                 raise ClientGone("closed by client")
             self.conn.receive_data(data)
 
@@ -152,8 +160,9 @@ class Session:
 
     async def run(self) -> None:
         try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.config.timeouts.handshake
+            # The channel's loop is the running one (asyncio.get_running_loop costs a
+            # getpid syscall per call, for its fork check).
+            deadline = self.channel.loop.time() + self.config.timeouts.handshake
             event = await self._next_event(deadline)
             if isinstance(event, Socks6Attempt):
                 self.record.end = accesslog.PROTOCOL_ERROR
@@ -237,7 +246,7 @@ class Session:
         return True
 
     async def _serve_requests(self, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.channel.loop
         limit = self.config.limits.max_requests_per_connection
         for _ in range(limit):
             request = await self._next_event(deadline)
@@ -282,7 +291,7 @@ class Session:
 
     async def _carry_out(self, outcome: Outcome) -> None:
         if isinstance(outcome, Relay):
-            await self._relay_after(outcome.reply, outcome.peer, outcome.what)
+            await self._relay_after(outcome.reply, outcome.peer, outcome.what, outcome.reached)
         elif isinstance(outcome, AwaitPeer):
             await self._bind(outcome)
         elif isinstance(outcome, Hold):
@@ -293,7 +302,11 @@ class Session:
             raise AssertionError(f"{outcome!r} answers a request; it does not end one")
 
     async def _relay_after(
-        self, reply: AnyReply, peer: socket.socket, what: tuple[str, object, int]
+        self,
+        reply: AnyReply,
+        peer: socket.socket,
+        what: tuple[str, object, int],
+        reached: IPv4Address | None = None,
     ) -> None:
         """Send the final success reply, then relay; both sockets end closed."""
         try:
@@ -303,25 +316,32 @@ class Session:
             raise
         trailing = self.conn.take_trailing_data()  # the client pipelined payload
         record = self.record
-        with contextlib.suppress(OSError):
-            host, port = peer.getpeername()[:2]  # one syscall; no address object needed
-            v6 = peer.family == socket.AF_INET6
-            record.reached = f"[{host}]:{port}" if v6 else f"{host}:{port}"
-            record.destination_family = family_name(6 if v6 else 4)
+        if reached is not None:  # CONNECT to one IPv4 address: the one connected to
+            record.reached = f"{ip_text(reached)}:{what[2]}"
+            record.destination_family = "ipv4"
+        else:
+            with contextlib.suppress(OSError):
+                host, port = peer.getpeername()[:2]  # one syscall; no address object needed
+                v6 = peer.family == socket.AF_INET6
+                record.reached = f"[{host}]:{port}" if v6 else f"{host}:{port}"
+                record.destination_family = family_name(6 if v6 else 4)
         record.end = accesslog.OK  # the reply went out: from here the session did its job
         stats = RelayStats()
         traffic, metrics = self.services.traffic, self.services.metrics
         flow = traffic.begin_tcp(
             stats, record.client_family, record.destination_family or "ipv4", metrics
         )
+        client, watched = self.channel.hand_over()
         try:
             await relay(
-                self.channel.detach(),
+                client,
                 peer,
                 idle_timeout=self.config.timeouts.idle,
                 clock=self.services.clock,
                 to_peer=trailing,
                 stats=stats,
+                client_watched=watched,
+                loop=self.channel.loop,
             )
         finally:  # also when the gateway stops and cancels us: the bytes moved count
             traffic.end(flow, metrics)
@@ -490,8 +510,8 @@ async def _handle(ctx: RequestContext, request: Request) -> Outcome:
 
 def _show(request: Request) -> str:
     address = request.address
-    text = f"[{address}]" if ":" in str(address) else str(address)
-    return f"{text}:{request.port}"
+    text = ip_text(address) if isinstance(address, IPv4Address) else str(address)
+    return f"[{text}]:{request.port}" if ":" in text else f"{text}:{request.port}"
 
 
 def _atyp(address: object) -> str:

@@ -21,7 +21,19 @@ class ChannelClosed(ConnectionError):
 class Channel:
     """Async reads and writes on one connected non-blocking socket."""
 
-    __slots__ = ("_backlog", "_drained", "_flushing", "closed", "loop", "sock")
+    __slots__ = (
+        "_backlog",
+        "_deadline",
+        "_drained",
+        "_flushing",
+        "_timer",
+        "_waiter",
+        "_want",
+        "_watching",
+        "closed",
+        "loop",
+        "sock",
+    )
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         sock.setblocking(False)
@@ -31,6 +43,13 @@ class Channel:
         self._backlog = bytearray()  # write_nowait bytes the kernel did not take yet
         self._flushing = False
         self._drained: asyncio.Future[None] | None = None
+        # recv_before: the reader registration kept between reads, the read waiting on
+        # it, and one timer for the deadline those reads share.
+        self._watching = False
+        self._waiter: asyncio.Future[bytes] | None = None
+        self._want = 0
+        self._deadline = -1.0
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def peername(self) -> tuple[object, ...]:
@@ -49,8 +68,69 @@ class Channel:
         except OSError as exc:
             raise ChannelClosed(str(exc)) from None
 
+    async def recv_before(self, size: int, deadline: float) -> bytes:
+        """Up to ``size`` bytes; b"" at end of stream; TimeoutError at ``deadline`` (loop
+        time). Resets raise ChannelClosed.
+
+        For the handshake's reads, one message after another: the loop keeps watching the
+        socket between them (a new uvloop watch costs four epoll_ctl and an ioctl), and
+        reads with the same deadline share one timer (asyncio.timeout per read costs a
+        context manager, a task lookup and a timer each).
+        """
+        if deadline != self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._deadline = deadline
+            self._timer = self.loop.call_at(deadline, self._expire)
+        elif self._timer is None:  # this deadline has passed already
+            raise TimeoutError
+        waiter: asyncio.Future[bytes] = self.loop.create_future()
+        self._waiter = waiter
+        self._want = size
+        if not self._watching:
+            self._watching = True
+            self.loop.add_reader(self.sock.fileno(), self._readable)
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+
+    def _readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            # Nobody reads now (a request is being served): stop watching, and the bytes
+            # wait in the kernel, as they would have without the kept registration.
+            self._unwatch()
+            return
+        try:
+            data = self.sock.recv(self._want)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            waiter.set_exception(ChannelClosed(str(exc)))
+            return
+        waiter.set_result(data)
+
+    def _expire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadline = -1.0
+
     async def recv(self, size: int = 65536) -> bytes:
         """Up to ``size`` bytes; b"" at end of stream. Resets raise ChannelClosed."""
+        self._unwatch()  # the loop's sock_recv registers (and removes) its own reader
         try:
             return await self.loop.sock_recv(self.sock, size)
         except (ConnectionError, OSError) as exc:
@@ -137,12 +217,27 @@ class Channel:
     def detach(self) -> socket.socket:
         """Hand the socket over (to the relay); the channel forgets it."""
         self._stop_flushing()
+        self._unwatch()
+        self._disarm()
         self.closed = True
         return self.sock
+
+    def hand_over(self) -> tuple[socket.socket, bool]:
+        """``detach``, but a reader registration recv_before left on the loop stays, for
+        the relay to take over (it replaces the callback: no epoll_ctl). Returns the
+        socket and whether the loop still watches it for reading."""
+        watched = self._watching
+        self._watching = False
+        self._stop_flushing()
+        self._disarm()
+        self.closed = True
+        return self.sock, watched
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
             self._stop_flushing()
+            self._unwatch()
+        self._disarm()
         self.closed = True
         with contextlib.suppress(OSError):
             self.sock.close()

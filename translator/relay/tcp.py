@@ -91,15 +91,20 @@ class SocketRelay:
         clock: Callable[[], float] = time.monotonic,
         splice: bool | None = None,
         stats: RelayStats | None = None,
+        client_watched: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self.loop = asyncio.get_running_loop()
-        client.setblocking(False)
-        peer.setblocking(False)
+        """``client_watched``: the loop already has a reader registered for ``client`` (a
+        Channel's, see Channel.hand_over); the relay takes it over instead of adding one."""
+        self.loop = asyncio.get_running_loop() if loop is None else loop
+        for sock in (client, peer):
+            if sock.gettimeout() != 0.0:  # most come non-blocking: save the ioctl
+                sock.setblocking(False)
         self.client = client
         self.peer = peer
         self.idle_timeout = idle_timeout
         self.clock = clock
-        self.splice = splice_enabled() if splice is None else splice
+        self.splice = splice  # None: splice_enabled(), asked once a direction needs it
         self.stats = RelayStats() if stats is None else stats  # counted as bytes move
         self.done: asyncio.Future[RelayStats] = self.loop.create_future()
         self._last = clock()
@@ -107,14 +112,23 @@ class SocketRelay:
         self._up = _Direction(client, peer, True)
         self._down = _Direction(peer, client, False)
         self._timer = self.loop.call_later(idle_timeout, self._check_idle)
+        self._client_watched = client_watched
 
     def start(self, to_peer: bytes = b"", to_client: bytes = b"") -> asyncio.Future[RelayStats]:
         """Begin relaying; bytes already read from either side go first."""
+        if self._client_watched:
+            # Replacing the callback of a registration costs no syscall; a new one (after
+            # a removal) costs uvloop four epoll_ctl and an ioctl.
+            self._client_watched = False
+            self._up.reading = True
+            self.loop.add_reader(self._up.src_fd, self._readable, self._up)
         for direction, early in ((self._up, to_peer), (self._down, to_client)):
             if early:
                 direction.pending = early
                 self._count(direction, len(early))
                 self._write_pending(direction)
+                if direction.pending:  # nothing more is read until these are through
+                    self._pause_reading(direction)
             else:
                 self._resume_reading(direction)
         return self.done
@@ -147,7 +161,7 @@ class SocketRelay:
             d.pending = bytes(_VIEW[sent:n])
             self._pause_reading(d)
             self._start_writing(d)
-        elif self.splice and d.moved >= SPLICE_AFTER:
+        elif d.moved >= SPLICE_AFTER and self._splicing():
             self._open_pipe(d)
 
     def _writable(self, d: _Direction) -> None:
@@ -176,6 +190,13 @@ class SocketRelay:
             self._resume_reading(d)
 
     # -- splice mode --------------------------------------------------------------------
+
+    def _splicing(self) -> bool:
+        # Decided when first needed: most sessions never move SPLICE_AFTER bytes, and the
+        # environment lookup would be paid by every one of them.
+        if self.splice is None:
+            self.splice = splice_enabled()
+        return self.splice
 
     def _open_pipe(self, d: _Direction) -> None:
         try:
@@ -236,8 +257,10 @@ class SocketRelay:
             self._shut_down(d)
 
     def _shut_down(self, d: _Direction) -> None:
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib.suppress costs an object and two calls here
             d.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
         if self._up.eof and self._down.eof and self._flushed():
             self._finish()
 
@@ -277,6 +300,9 @@ class SocketRelay:
     def _finish(self) -> None:
         if self._closed:
             return
+        if self._client_watched:  # never started: the inherited registration goes too
+            self._client_watched = False
+            self.loop.remove_reader(self._up.src_fd)
         for d in (self._up, self._down):
             self._pause_reading(d)
             self._stop_writing(d)
@@ -305,11 +331,28 @@ async def relay(
     clock: Callable[[], float] = time.monotonic,
     to_peer: bytes = b"",
     stats: RelayStats | None = None,
+    client_watched: bool = False,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> RelayStats:
     """Relay until both directions ended, one side failed, or the idle timeout hit.
     Both sockets are closed when it returns, also when the caller is cancelled; ``stats``,
-    when given, is counted into as the bytes move (so a cancelled caller still has them)."""
-    runner = SocketRelay(client, peer, idle_timeout=idle_timeout, clock=clock, stats=stats)
+    when given, is counted into as the bytes move (so a cancelled caller still has them).
+    ``client_watched``: see SocketRelay."""
+    try:
+        runner = SocketRelay(
+            client,
+            peer,
+            idle_timeout=idle_timeout,
+            clock=clock,
+            stats=stats,
+            client_watched=client_watched,
+            loop=loop,
+        )
+    except BaseException:
+        if client_watched:  # a loop registration holds the socket open: drop it
+            with contextlib.suppress(Exception):
+                (loop or asyncio.get_running_loop()).remove_reader(client.fileno())
+        raise
     try:
         # If our caller is cancelled the future is too; close() below copes with that.
         return await runner.start(to_peer=to_peer)
