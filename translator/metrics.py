@@ -16,7 +16,7 @@ This module sits below the gateway layer: it imports only the standard library a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -40,6 +40,9 @@ __all__ = [
     "udp_metrics",
 ]
 
+#: histogram observations kept for the next flush at most (scrapes flush them too)
+_MAX_OBSERVED = 1024
+
 DURATION_BUCKETS: Final = (
     0.001,
     0.0025,
@@ -57,6 +60,17 @@ DURATION_BUCKETS: Final = (
 )
 
 
+class _Flush:
+    """Registered first: applies the hot paths' pending counts before anything is read."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def collect(self) -> Iterable[Metric]:
+        self._flush()
+        return ()
+
+
 class _Source:
     """Adapts a callable to the registry's collector protocol (read at scrape time)."""
 
@@ -72,12 +86,20 @@ class Metrics:
 
     The attributes are the raw prometheus_client metrics; the methods are the hot-path
     helpers, which cache label children so a call costs a dict lookup and an increment
-    instead of the library's per-call label validation.
+    instead of the library's per-call label validation. The increments themselves wait in
+    a plain dict until the registry is read (``flush``, run first by every collection):
+    a child's ``inc`` takes a lock and checks itself each time, and a session makes a
+    dozen of them. Read the values through the registry (``render``), or ``flush`` first.
     """
 
     def __init__(self, *, process: bool = True) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        #: label child (counter or gauge) -> amount not yet added to it
+        self._pending: dict[Any, float] = {}
+        #: (histogram child, value) not yet observed
+        self._observed: list[tuple[Any, float]] = []
+        r.register(_Flush(self.flush))  # before every metric: collections run in order
         self.connections_accepted = Counter(
             "socks64_connections_accepted_total",
             "Client connections accepted, by listener.",
@@ -175,13 +197,34 @@ class Metrics:
 
     # --- hot paths -------------------------------------------------------------------
 
+    def flush(self) -> None:
+        """Add the pending counts to the metrics (every collection does this first)."""
+        pending, observed = self._pending, self._observed
+        if pending:
+            self._pending = {}
+            for child, amount in pending.items():
+                if amount:
+                    child.inc(amount)  # a gauge's may be negative: Gauge.inc takes it
+        if observed:
+            self._observed = []
+            for histogram, value in observed:
+                histogram.observe(value)
+
+    def observe(self, histogram: Any, value: float) -> None:
+        """``histogram.observe(value)`` (a label child), at the next flush."""
+        observed = self._observed
+        observed.append((histogram, value))
+        if len(observed) >= _MAX_OBSERVED:  # nobody scrapes: keep the list short
+            self.flush()
+
     def request(self, command: str, atyp: str, rep: int) -> None:
         """Count one answered request; ``rep`` is the SOCKS REP code."""
         key = (command, atyp, rep)
         child = self._request_children.get(key)
         if child is None:
             child = self._request_children[key] = self.requests.labels(command, atyp, str(rep))
-        child.inc()
+        pending = self._pending
+        pending[child] = pending.get(child, 0) + 1
 
     def bytes_relayed(self, protocol: str, family: str, up: int, down: int) -> None:
         """Add relayed payload; ``family`` is the destination's, ``up`` is client->destination."""
@@ -192,10 +235,11 @@ class Metrics:
                 self.relayed_bytes.labels(protocol, "up", family),
                 self.relayed_bytes.labels(protocol, "down", family),
             )
+        pending = self._pending
         if up:
-            pair[0].inc(up)
+            pending[pair[0]] = pending.get(pair[0], 0) + up
         if down:
-            pair[1].inc(down)
+            pending[pair[1]] = pending.get(pair[1], 0) + down
 
     def translation(
         self, protocol: str, client_family: str, destination_family: str, n: int = 1
@@ -205,7 +249,8 @@ class Metrics:
         child = self._translation_children.get(key)
         if child is None:
             child = self._translation_children[key] = self.translations.labels(*key)
-        child.inc(n)
+        pending = self._pending
+        pending[child] = pending.get(child, 0) + n
 
     def _active(self, command: str) -> Gauge:
         child = self._active_children.get(command)
@@ -215,30 +260,37 @@ class Metrics:
 
     def session_started(self, command: str) -> None:
         """A session began (usually as ``handshake``)."""
-        self._active(command).inc()
+        child = self._active(command)
+        pending = self._pending
+        pending[child] = pending.get(child, 0) + 1
 
     def session_changed(self, old: str, new: str) -> None:
         """A session moved on to another command (handshake -> CONNECT, ...)."""
         if old != new:
-            self._active(old).dec()
-            self._active(new).inc()
+            was, now = self._active(old), self._active(new)
+            pending = self._pending
+            pending[was] = pending.get(was, 0) - 1
+            pending[now] = pending.get(now, 0) + 1
 
     def session_ended(self, command: str, end: str) -> None:
         """A session under ``command`` finished; ``end`` says how (ok, refused, ...)."""
-        self._active(command).dec()
+        active = self._active(command)
         key = (command, end)
         child = self._finished_children.get(key)
         if child is None:
             child = self._finished_children[key] = self.sessions_finished.labels(command, end)
-        child.inc()
-
-    # --- colder paths ----------------------------------------------------------------
+        pending = self._pending
+        pending[active] = pending.get(active, 0) - 1
+        pending[child] = pending.get(child, 0) + 1
 
     def connection_accepted(self, listener: str) -> None:
         child = self._accepted_children.get(listener)
         if child is None:
             child = self._accepted_children[listener] = self.connections_accepted.labels(listener)
-        child.inc()
+        pending = self._pending
+        pending[child] = pending.get(child, 0) + 1
+
+    # --- colder paths ----------------------------------------------------------------
 
     def connection_rejected(self, reason: str) -> None:
         self.connections_rejected.labels(reason).inc()
@@ -252,7 +304,8 @@ class Metrics:
         child = self._auth_children.get(key)
         if child is None:
             child = self._auth_children[key] = self.auth.labels(method, result)
-        child.inc()
+        pending = self._pending
+        pending[child] = pending.get(child, 0) + 1
 
     def config_reload(self, ok: bool) -> None:
         self.config_reloads.labels("ok" if ok else "error").inc()

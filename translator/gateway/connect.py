@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from ipaddress import IPv4Address
 from typing import NamedTuple
 
 from addrmap import Target
@@ -28,12 +29,21 @@ async def open_destination(ctx: RequestContext, address: Address, port: int) -> 
 
 
 async def serve_connect(ctx: RequestContext, request: Request) -> Relay:
-    sock, target, realid = await open_destination(ctx, request.address, request.port)
+    port = request.port
+    destination = await ctx.destination(request.address, port, pol.Command.CONNECT)
+    addresses = destination.addresses
+    sock = await ctx.services.connect(addresses, port)
+    target = destination.target
     try:
         local = sock.getsockname()
+        realid = destination.realid
         bound = await ctx.bound(request, sockaddr_ip(local), target=target, realid=realid)
         reply = Reply(Rep.SUCCEEDED, bound, int(local[1]), ctx.reply_flag(request))
     except BaseException:
         sock.close()
         raise
-    return Relay(reply, sock, ("CONNECT", target, request.port))
+    # One candidate is the one connected to: its IPv4 text is what getpeername() would
+    # give, without the syscall (IPv6 text may differ in form: that one asks the socket).
+    only = addresses[0] if len(addresses) == 1 else None
+    reached = only if isinstance(only, IPv4Address) else None
+    return Relay(reply, sock, ("CONNECT", target, port), reached)

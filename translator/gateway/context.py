@@ -118,28 +118,60 @@ def in_client_family(real: IPAddress, client_facing: IPAddress, *, real_family: 
 class RequestContext:
     """One client, as its requests see it: identity, pins, and the shared services."""
 
-    __slots__ = ("client_ip", "client_port", "facing_ip", "pins", "services", "user")
+    __slots__ = (
+        "_facing",
+        "_facing_of",
+        "_facing_version",
+        "client_host",
+        "client_ip",
+        "client_port",
+        "pins",
+        "services",
+        "user",
+    )
 
     def __init__(
         self,
         services: Services,
         client_ip: IPAddress,
         client_port: int,
-        facing_ip: IPAddress,
+        facing_ip: IPAddress | None = None,
+        *,
+        facing_of: Callable[[], IPAddress] | None = None,
     ) -> None:
+        """``facing_ip``, the gateway address the client reached, or ``facing_of`` to
+        learn it when first needed (a getsockname most CONNECTs never need)."""
+        if facing_ip is None and facing_of is None:
+            raise TypeError("RequestContext needs facing_ip or facing_of")
         self.services = services
         self.client_ip = client_ip
         self.client_port = client_port
-        self.facing_ip = facing_ip  # the gateway address the client reached
+        self._facing = facing_ip
+        self._facing_of = facing_of
+        # Both ends of one connection are of one family (an IPv4-mapped pair unmaps to
+        # IPv4 on both ends): the client's family is the facing one until it is known.
+        self._facing_version = client_ip.version if facing_ip is None else facing_ip.version
         self.user: str | None = None
         self.pins: list[int] = []
+        #: ``str(client_ip)`` when the caller has it already (the peer's text): the label
+        self.client_host: str | None = None
+
+    @property
+    def facing_ip(self) -> IPAddress:
+        """The gateway address the client reached."""
+        facing = self._facing
+        if facing is None:
+            assert self._facing_of is not None
+            facing = self._facing = self._facing_of()
+        return facing
 
     @property
     def label(self) -> str:
         """The client as logs name it; built only when something is logged."""
+        host = self.client_host or str(self.client_ip)  # str(): ipaddress's __format__ is slow
         if self.client_ip.version == 6:
-            return f"[{self.client_ip}]:{self.client_port}"
-        return f"{self.client_ip}:{self.client_port}"
+            return f"[{host}]:{self.client_port}"
+        return f"{host}:{self.client_port}"
 
     def __str__(self) -> str:
         return self.label
@@ -164,6 +196,8 @@ class RequestContext:
             self.pins.append(realid)
 
     def unpin_all(self) -> None:
+        if not self.pins:  # the usual case: no Owner to build
+            return
         owner = self.owner
         for realid in self.pins:
             self.services.ids.unpin(owner, realid)
@@ -304,9 +338,9 @@ class RequestContext:
                 )
                 self.pin(realid)
             return AddressId(realid)
-        return in_client_family(
-            real, self.facing_ip, real_family=bool(request.flag & FLAG_REAL_FAMILY)
-        )
+        if request.flag & FLAG_REAL_FAMILY or real.version == self._facing_version:
+            return real  # in_client_family's answer, without asking for the facing address
+        return in_client_family(real, self.facing_ip, real_family=False)
 
     @staticmethod
     def reply_flag(request: Request, honoured: int = 0) -> int:

@@ -39,6 +39,7 @@ def listening_socket(endpoint: Endpoint, *, reuse_port: bool = False) -> socket.
         sock.bind((endpoint.host, endpoint.port))
         sock.listen(_BACKLOG)
         sock.setblocking(False)
+        _inherited_nodelay(sock)
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {endpoint}: {exc.strerror}") from None
@@ -46,6 +47,16 @@ def listening_socket(endpoint: Endpoint, *, reuse_port: bool = False) -> socket.
         sock.close()
         raise
     return sock
+
+
+def _inherited_nodelay(sock: socket.socket) -> bool:
+    """TCP_NODELAY on a listener: Linux copies it to every connection accepted from it,
+    which then needs no setsockopt of its own. False where it cannot be set."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return False
+    return True
 
 
 def endpoint_of(sock: socket.socket) -> Endpoint:
@@ -66,6 +77,9 @@ class Listeners:
         self._acceptor = Acceptor(self._accepted, self._paused_by)
         self._pause_log = RateLimitedLog()
         self._labels: dict[int, str] = {}  # listener fd -> its endpoint as text
+        # listener fds whose connections do not inherit TCP_NODELAY (adopted sockets
+        # that refused it): theirs are set one by one
+        self._no_nodelay: set[int] = set()
 
     @property
     def _paused(self) -> asyncio.TimerHandle | None:
@@ -84,6 +98,8 @@ class Listeners:
         """Serve sockets handed over by systemd (socket activation)."""
         for sock in sockets:
             sock.setblocking(False)
+            if not _inherited_nodelay(sock):
+                self._no_nodelay.add(sock.fileno())
             self._adopted.append(sock)
             self._acceptor.watch(sock)
 
@@ -121,12 +137,22 @@ class Listeners:
     def _close(self, sock: socket.socket) -> None:
         self._acceptor.unwatch(sock)
         self._labels.pop(sock.fileno(), None)
+        self._no_nodelay.discard(sock.fileno())
         sock.close()
 
     def _accepted(
         self, sock: socket.socket, peer: tuple[object, ...], listener: socket.socket
     ) -> None:
-        endpoint = self._labels.get(listener.fileno()) or self._label(listener)
+        """Every connection handed on has TCP_NODELAY: replies and small relayed writes
+        go out at once (from the listener, or set here)."""
+        fd = listener.fileno()
+        if fd in self._no_nodelay:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                sock.close()  # reset already: as when the gateway set it itself
+                return
+        endpoint = self._labels.get(fd) or self._label(listener)
         self._on_accept(sock, peer, endpoint)
 
     def _paused_by(self, exc: OSError) -> None:

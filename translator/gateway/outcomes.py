@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 
 from translator.net.addresses import IPAddress
 from translator.relay.listeners import BindListener
@@ -36,6 +37,8 @@ class Relay:
     reply: AnyReply
     peer: socket.socket  # connected, non-blocking; the session owns it from here
     what: tuple[str, object, int]  # for the log, built only when logged: ("CONNECT", to, port)
+    #: the IPv4 address ``peer`` is connected to, when known (saves a getpeername)
+    reached: IPv4Address | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,13 @@ class Acceptor:
     def watch(self, sock: socket.socket) -> None:
         self._watched[sock.fileno()] = sock
         if self.paused is None:  # a resting acceptor starts watching when it resumes
-            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+            # socket.accept() turns the listener's family and type into enums for every
+            # connection: they are read once here, as plain integers (unless accept is
+            # not the socket module's own: then it is called as it is).
+            kind = None
+            if type(sock).accept is socket.socket.accept:
+                kind = (int(sock.family), int(sock.type), sock.proto)
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock, kind)
 
     def unwatch(self, sock: socket.socket) -> None:
         self._watched.pop(sock.fileno(), None)
@@ -59,10 +65,19 @@ class Acceptor:
         for sock in list(self._watched.values()):
             self.unwatch(sock)
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, kind: tuple[int, int, int] | None) -> None:
+        # What socket.accept() does, less its enum conversions; its default-timeout rule
+        # (a listener with a timeout passes blocking mode on) holds as there.
+        blocking = socket.getdefaulttimeout() is None and bool(listener.gettimeout())
         for _ in range(BATCH):
             try:
-                sock, peer = listener.accept()
+                if kind is None:
+                    sock, peer = listener.accept()
+                else:
+                    fd, peer = listener._accept()  # type: ignore[attr-defined]
+                    sock = socket.socket(*kind, fileno=fd)
+                    if blocking:
+                        sock.setblocking(True)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -133,6 +134,23 @@ class LateImportWarning:
             )
 
 
+#: Young objects between collections of the youngest generation (CPython: 700). Each
+#: collection walks every live young object, which under load is the in-flight sessions'
+#: (tens of thousands): at 700 that cost ~8 µs per session. Sessions rarely make cycles,
+#: so collecting less often frees the same garbage for a few MB more at most.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_garbage_collector() -> None:
+    """Once started: what start-up allocated (modules, config, metrics, the netlink
+    table) lives as long as the process, so it leaves the collector's sight (a full
+    collection then walks only what sessions allocate), and young collections are rarer."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def status_line(gateway: Gateway) -> str:
     endpoints = ", ".join(str(e) for e in gateway.endpoints) or "no listeners"
     return (
@@ -204,6 +222,7 @@ class Service:
                 loop.add_signal_handler(signum, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
             log.info("config %s; ready", self.config.source)
+            tune_garbage_collector()
             self.notifier.ready(status_line(gateway))
             await self._serve_until_stopped()
         finally:

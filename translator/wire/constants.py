@@ -36,14 +36,21 @@ class Command(IntEnum):
     @property
     def base(self) -> Command:
         """The plain command without the ADDRESS ASSOCIATE bit (X'08' stays itself)."""
-        if self is Command.ADDRESS_ASSOCIATE:
-            return self
-        return Command(self & 0x07)
+        return _COMMAND_BASES[self]
 
     @property
     def with_aa(self) -> bool:
         """True for X'09'..X'0B', the commands combined with ADDRESS ASSOCIATE."""
         return self in (Command.CONNECT_AA, Command.BIND_AA, Command.UDP_ASSOCIATE_AA)
+
+
+#: each command's ``base``, looked up (calling the enum class costs a microsecond)
+_COMMAND_BASES = {
+    command: command if command is Command.ADDRESS_ASSOCIATE else Command(command & 0x07)
+    for command in Command
+}
+#: the commands by octet, for decoding without calling the enum class
+COMMANDS_BY_VALUE = {int(command): command for command in Command}
 
 
 class Atyp(IntEnum):

@@ -18,6 +18,7 @@ from .address import (
     encode_address_port,
 )
 from .constants import (
+    COMMANDS_BY_VALUE,
     MAX_SOCKS4_FIELD,
     SOCKS4_VERSION,
     SOCKS5_VERSION,
@@ -40,9 +41,10 @@ MAX_TUNNEL_FRAME = 0xFFFF
 
 def _octets(*values: int) -> bytes:
     """Single-octet fields; anything outside 0..255 is our own mistake, not the peer's."""
-    if any(not 0 <= value <= 0xFF for value in values):
-        raise LocalProtocolError(f"octet field out of range in {values}")
-    return bytes(values)
+    try:
+        return bytes(values)  # checks the range itself: no generator per reply
+    except ValueError:
+        raise LocalProtocolError(f"octet field out of range in {values}") from None
 
 
 def _port(port: int) -> bytes:
@@ -180,12 +182,9 @@ def decode_request(buf: Buffer) -> tuple[Request, int] | None:
     address, port, end = got
     # The address is parsed first so an unknown ATYP wins over an unknown command only
     # when its length cannot be known; with a parsable address the command decides.
-    try:
-        command = Command(buf[1])
-    except ValueError:
-        raise RemoteProtocolError(
-            f"unsupported command {buf[1]:#04x}", Rep.COMMAND_NOT_SUPPORTED
-        ) from None
+    command = COMMANDS_BY_VALUE.get(buf[1])  # Command(buf[1]), without the enum call
+    if command is None:
+        raise RemoteProtocolError(f"unsupported command {buf[1]:#04x}", Rep.COMMAND_NOT_SUPPORTED)
     return Request(command, address, port, buf[2]), end
 
 

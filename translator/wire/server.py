@@ -68,12 +68,18 @@ class Phase(Enum):
     RELAY = auto()  # the codec is out of the way
     CLOSED = auto()
 
+    # Members are compared by identity: so can they be hashed. Enum's own __hash__ is
+    # Python code, run for every table lookup (TRANSITIONS, the parsers) per message.
+    __hash__ = object.__hash__
+
 
 class Signal(Enum):
     """What ``next_event()`` returns when it has no event: narrow with ``isinstance``."""
 
     NEED_DATA = auto()  # feed more bytes with receive_data()
     PAUSED = auto()  # answer the last event first
+
+    __hash__ = object.__hash__  # as Phase's
 
     def __repr__(self) -> str:
         return self.name
@@ -96,6 +102,8 @@ class Answer(Enum):
     REPLY_FAILURE = auto()  # SOCKS 5 reply, any other REP
     SOCKS4_GRANTED = auto()
     SOCKS4_REJECTED = auto()  # any status but 90
+
+    __hash__ = object.__hash__  # as Phase's
 
     @property
     def version(self) -> int:
