@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomically(path: str | Path, text: str, *, mode: int = 0o600) -> None:
+def write_atomically(path: str | os.PathLike[str], text: str, *, mode: int = 0o600) -> None:
     """Write ``text`` to a temporary file beside ``path``, fsync it, rename it over
     ``path`` and fsync the directory, so the rename survives a power cut too. Missing
     directories are created (0750). Raises OSError; the old file is then left as it was

@@ -400,7 +400,7 @@ def worker_count(config: Config) -> int:
 def _backend(value: Any) -> str:
     """``memory`` or a Redis URL: redis://[:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS)."""
     if value == "memory":
-        return value
+        return "memory"
     where = "addrmap.backend"
     if not isinstance(value, str):
         raise ConfigError(where, f"must be memory or redis://HOST:PORT/DB, not {value!r}")

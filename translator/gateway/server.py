@@ -292,7 +292,8 @@ class Gateway:
         try:
             if config.metrics.listen != old.metrics.listen:
                 metrics_server = await self._metrics_server(config)
-            added, removed = [], []
+            added: list[Endpoint] = []
+            removed: list[Endpoint] = []
             if self._own_listeners:
                 added, removed = self.listeners.open(self._listen_override or config.listen)
         except BaseException:

@@ -585,7 +585,7 @@ class UdpAssociation:
                 self._spawn(self._name_then_deliver(peer, data, addr))
                 return
             self._rendered.put(key, source)  # None too: dropped cheaply until named
-        if source is None:
+        if source is None or source is _Not.YET:  # YET is never cached: for the type checker
             self._drop("dropped_unrenderable", "no way to name %s:%d for this client", peer, port)
             return
         self._headers.put(addr, UdpDatagram(source, port, b"").encode())

@@ -76,7 +76,7 @@ class _Families:
 def render(families: list[Metric]) -> bytes:
     """The text exposition of already collected families."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(families))  # type: ignore[arg-type]
+    registry.register(_Families(families))
     return generate_latest(registry)
 
 

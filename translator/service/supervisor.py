@@ -213,12 +213,13 @@ class Supervisor:
         raise ValueError(f"unknown message {kind!r}")
 
     async def _wait_ready(self) -> None:
-        everyone = asyncio.gather(*(w.ready.wait() for w in self.workers))
-        stopped = asyncio.ensure_future(self._stop.wait())
+        everyone: asyncio.Future[list[bool]] = asyncio.gather(
+            *(w.ready.wait() for w in self.workers)
+        )
+        stopped: asyncio.Future[bool] = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait(
-                [everyone, stopped], timeout=_READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
-            )
+            either: list[asyncio.Future[Any]] = [everyone, stopped]
+            await asyncio.wait(either, timeout=_READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
             everyone.cancel()
