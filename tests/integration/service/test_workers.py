@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from ipaddress import IPv4Address
@@ -57,7 +58,20 @@ from .test_unprivileged import BROKEN
 from .test_unprivileged import _need_root_and_nobody as need_root_and_nobody
 
 CONNECTIONS = 16
+BOTH = {"0", "1"}
 LOOPBACK = IPv4Address("127.0.0.1")
+
+
+def two_workers(
+    tmp_path: Path, dns: DnsServer, spawn: Spawn
+) -> tuple[GatewayProcess, tuple[str, int]]:
+    """A gateway with two workers on a loopback port of its own, ready; and that port."""
+    port = free_port()
+    document = gateway_config(dns.address, [f"127.0.0.1:{port}"], workers=2)
+    return serve_workers(spawn, write_config(tmp_path / "socks64.yaml", document)), (
+        "127.0.0.1",
+        port,
+    )
 
 
 def serve_workers(spawn: Spawn, config: Path, count: int = 2) -> GatewayProcess:
@@ -98,8 +112,24 @@ def connected_by_id(gateway: tuple[str, int], realid: int, port: int) -> Iterato
         sock.close()
 
 
-def workers_in_log(child: GatewayProcess, after: int = 0) -> set[str]:
-    return {m.group(1) for m in child.find(r"socks64\.access\[(\d+)\]:", after=after)}
+def workers_in_log(
+    child: GatewayProcess,
+    after: int = 0,
+    *,
+    command: str = "",
+    expect: set[str] | None = None,
+    timeout: float = 5.0,
+) -> set[str]:
+    """Which workers wrote an access line (for ``command``); with ``expect``, waits (up to
+    ``timeout``) until those are seen: an access line is written as its session ends, and
+    stderr reaches the test through a reader thread."""
+    pattern = rf"socks64\.access\[(\d+)\]: .*{command}"
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = {m.group(1) for m in child.find(pattern, after=after)}
+        if expect is None or seen == expect or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.05)
 
 
 def test_an_id_from_one_worker_works_on_every_worker(
@@ -122,8 +152,7 @@ def test_an_id_from_one_worker_works_on_every_worker(
             with connected_by_id(gateway, realid, echo.port) as relayed:
                 echo_round_trip(relayed, b"by id %d" % n)
         wait_for_metric(metrics, "socks64_sessions_total", CONNECTIONS, command="CONNECT")
-        assert len(child.find(rf"CONNECT \[id:{realid:06x}\]:\d+ -> .* ok$")) == CONNECTIONS
-        assert workers_in_log(child) == {"0", "1"}
+        assert workers_in_log(child, command=f"CONNECT \\[id:{realid:06x}\\]", expect=BOTH) == BOTH
         samples = scrape(metrics)
         assert value(samples, "socks64_workers") == 2
         assert value(samples, "socks64_address_ids") == 1  # one table, not one per worker
@@ -173,7 +202,7 @@ def test_a_dead_worker_is_replaced_and_only_its_clients_lose_their_sessions(
         for _ in range(CONNECTIONS):
             with connected_by_id(gateway, realid.realid, echo.port) as relayed:
                 echo_round_trip(relayed, b"new")
-        assert workers_in_log(child, after=mark) == {"0", "1"}
+        assert workers_in_log(child, after=mark, expect=BOTH) == BOTH
         wait_for_metric(metrics, "socks64_worker_restarts_total", 1)
         wait_for_metric(metrics, "socks64_workers", 2)
     assert child.stop() == 0
@@ -187,9 +216,7 @@ def test_reload_and_stop_reach_every_worker(tmp_path: Path, dns: DnsServer, spaw
     child = serve_workers(spawn, config)
     mark = child.mark()
     rules = [{"action": "deny", "commands": ["ASSOCIATE"]}]
-    write_config(
-        path, gateway_config(dns.address, [f"127.0.0.1:{port}"], rules=rules, workers=2)
-    )
+    write_config(path, gateway_config(dns.address, [f"127.0.0.1:{port}"], rules=rules, workers=2))
     child.signal(signal.SIGHUP)
     for slot in (0, 1):
         child.wait_for(rf"socks64\.server\[{slot}\]: reloaded {re.escape(str(path))}", after=mark)
@@ -220,12 +247,14 @@ def test_systemd_hears_from_the_supervisor_once_for_all_workers(
     )
     ready = notify_message(notify_socket)
     assert ready["READY"] == "1" and "2/2 workers" in ready["STATUS"], ready
-    assert len(child.find(r"socks64\[\d\]: config .*; ready$")) == 2  # both, before READY=1
+    for slot in (0, 1):  # both were ready before READY=1 (their lines may still be in transit)
+        child.wait_for(rf"socks64\[{slot}\]: config .*; ready$", timeout=5)
     mark = child.mark()
     child.signal(signal.SIGHUP)
     assert notify_message(notify_socket)["RELOADING"] == "1"
     assert notify_message(notify_socket)["READY"] == "1"
-    assert len(child.find(r"socks64\.server\[\d\]: reloaded ", after=mark)) == 2
+    for slot in (0, 1):
+        child.wait_for(rf"socks64\.server\[{slot}\]: reloaded ", after=mark, timeout=5)
     child.signal(signal.SIGTERM)
     assert notify_message(notify_socket) == {"STOPPING": "1"}
     assert child.wait(timeout=15) == 0
@@ -291,7 +320,7 @@ def test_workers_drop_to_the_user_and_the_supervisor_keeps_root(
         for _ in range(CONNECTIONS):
             with connected_by_id(gateway, realid.realid, echo.port) as relayed:
                 echo_round_trip(relayed, b"as nobody")
-        assert workers_in_log(child) == {"0", "1"}
+        assert workers_in_log(child, expect=BOTH) == BOTH
         victim = worker_pids(child)[1]
         mark = child.mark()
         os.kill(victim, signal.SIGKILL)
@@ -328,13 +357,8 @@ def udp_session(
 def test_a_datagram_to_an_id_made_on_another_worker_is_relayed(
     tmp_path: Path, dns: DnsServer, spawn: Spawn
 ) -> None:
-    port = free_port()
-    config = write_config(
-        tmp_path / "socks64.yaml", gateway_config(dns.address, [f"127.0.0.1:{port}"], workers=2)
-    )
-    gateway = ("127.0.0.1", port)
     with udp_echo() as echo:
-        child = serve_workers(spawn, config)
+        child, gateway = two_workers(tmp_path, dns, spawn)
         realid = associate(gateway, LOOPBACK).address
         assert isinstance(realid, AddressId)
         for n in range(CONNECTIONS):
@@ -344,8 +368,7 @@ def test_a_datagram_to_an_id_made_on_another_worker_is_relayed(
                 answer = decode_udp_datagram(client.recv(65536))
                 assert answer.data == b"echo:" + payload
                 assert answer.address == LOOPBACK and answer.port == echo.port
-        workers = {m.group(1) for m in child.find(r"access\[(\d)\]: .* UDP_ASSOCIATE ")}
-        assert workers == {"0", "1"}
+        assert workers_in_log(child, command="UDP_ASSOCIATE ", expect=BOTH) == BOTH
         assert child.stop() == 0
     child.assert_clean()
 
@@ -353,13 +376,8 @@ def test_a_datagram_to_an_id_made_on_another_worker_is_relayed(
 def test_udp_aa_names_peers_by_ids_every_worker_knows(
     tmp_path: Path, dns: DnsServer, spawn: Spawn
 ) -> None:
-    port = free_port()
-    config = write_config(
-        tmp_path / "socks64.yaml", gateway_config(dns.address, [f"127.0.0.1:{port}"], workers=2)
-    )
-    gateway = ("127.0.0.1", port)
     with udp_echo() as echo:
-        child = serve_workers(spawn, config)
+        child, gateway = two_workers(tmp_path, dns, spawn)
         seen: set[AddressId] = set()
         for n in range(CONNECTIONS):
             with udp_session(gateway, Command.UDP_ASSOCIATE_AA) as (client, relay):
@@ -373,7 +391,6 @@ def test_udp_aa_names_peers_by_ids_every_worker_knows(
         (peer,) = seen
         for _ in range(4):
             assert associate(gateway, peer).address == peer  # and every worker knows it
-        workers = {m.group(1) for m in child.find(r"access\[(\d)\]: .* UDP_ASSOCIATE_AA ")}
-        assert workers == {"0", "1"}
+        assert workers_in_log(child, command="UDP_ASSOCIATE_AA ", expect=BOTH) == BOTH
         assert child.stop() == 0
     child.assert_clean()

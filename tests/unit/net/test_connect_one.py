@@ -149,6 +149,6 @@ async def test_cancelled_connect_closes_its_socket() -> None:
 def test_literal_text_is_the_address_text() -> None:
     from translator.net.addresses import ip_text
 
-    for text in ("127.0.0.1", "0.0.0.0", "255.255.255.255", "10.0.20.3", "::1", "2001:db8::5"):
+    for text in ("127.0.0.1", "0.0.0.0", "255.255.255.255", "203.0.113.3", "::1", "2001:db8::5"):
         address = ip_address(text)
         assert ip_text(address) == str(address)

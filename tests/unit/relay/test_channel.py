@@ -5,20 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 
 import pytest
 
 from translator.relay.channel import Channel, ChannelClosed
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    ours, theirs = socket.socketpair()
-    theirs.settimeout(5)
-    yield ours, theirs
-    for sock in (ours, theirs):
-        sock.close()
 
 
 def _channel(sock: socket.socket) -> Channel:
