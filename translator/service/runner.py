@@ -69,7 +69,10 @@ def prepare_state_directory(config: Config) -> str | None:
         if path is None:
             continue
         directory = Path(path).parent
-        if directory.name == "socks64" and directory.stat().st_uid != uid:
+        if directory.name != "socks64":
+            continue
+        directory.mkdir(mode=0o750, parents=True, exist_ok=True)  # no StateDirectory=
+        if directory.stat().st_uid != uid:
             os.chown(directory, uid, gid)
             return f"state directory {directory} handed to uid {uid}"
     return None

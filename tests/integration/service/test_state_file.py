@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from .gateway_process import (
     tcp_server,
     write_config,
 )
+from .test_unprivileged import _need_root_and_nobody as need_root_and_nobody
 from .test_workers import LOOPBACK, associate, connected_by_id, serve_workers
 
 
@@ -80,3 +83,32 @@ def test_a_corrupt_state_file_is_logged_and_the_gateway_starts_empty(
     assert associate(("127.0.0.1", port), LOOPBACK).rep == Rep.SUCCEEDED
     assert child.stop() == 0
     assert json.loads(state.read_text())["entries"]  # replaced by a good one at stop
+
+
+def test_a_gateway_that_drops_to_a_user_keeps_its_state_file(
+    tmp_path: Path, dns: DnsServer, spawn: Spawn, request: pytest.FixtureRequest
+) -> None:
+    nobody = need_root_and_nobody()
+    # Where nobody can reach it (pytest's own directories are root's, mode 0700).
+    base = Path(tempfile.mkdtemp(prefix="socks64-state-"))
+    base.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    state = base / "socks64" / "addrmap.state"  # a directory named socks64, not there yet
+    port = free_port()
+    config = write_config(
+        tmp_path / "socks64.yaml",
+        gateway_config(
+            dns.address,
+            [f"127.0.0.1:{port}"],
+            user="nobody",
+            addrmap={"state_file": str(state)},
+        ),
+    )
+    config.chmod(0o644)
+    child = serve(spawn, config)
+    child.wait_for(rf"state directory {state.parent} handed to uid {nobody.pw_uid}")
+    assert associate(("127.0.0.1", port), LOOPBACK).rep == Rep.SUCCEEDED
+    assert child.stop() == 0
+    assert state.stat().st_uid == nobody.pw_uid  # written by the gateway as nobody
+    assert len(json.loads(state.read_text())["entries"]) == 1
+    child.assert_clean()
