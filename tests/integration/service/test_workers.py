@@ -63,15 +63,15 @@ LOOPBACK = IPv4Address("127.0.0.1")
 
 
 def two_workers(
-    tmp_path: Path, dns: DnsServer, spawn: Spawn
+    tmp_path: Path, dns: DnsServer, spawn: Spawn, metrics_port: int | None = None
 ) -> tuple[GatewayProcess, tuple[str, int]]:
     """A gateway with two workers on a loopback port of its own, ready; and that port."""
     port = free_port()
-    document = gateway_config(dns.address, [f"127.0.0.1:{port}"], workers=2)
-    return serve_workers(spawn, write_config(tmp_path / "socks64.yaml", document)), (
-        "127.0.0.1",
-        port,
+    document = gateway_config(
+        dns.address, [f"127.0.0.1:{port}"], metrics_port=metrics_port, workers=2
     )
+    child = serve_workers(spawn, write_config(tmp_path / "socks64.yaml", document))
+    return child, ("127.0.0.1", port)
 
 
 def serve_workers(spawn: Spawn, config: Path, count: int = 2) -> GatewayProcess:
@@ -135,14 +135,9 @@ def workers_in_log(
 def test_an_id_from_one_worker_works_on_every_worker(
     tmp_path: Path, dns: DnsServer, spawn: Spawn
 ) -> None:
-    port, metrics = free_port(), free_port()
-    config = write_config(
-        tmp_path / "socks64.yaml",
-        gateway_config(dns.address, [f"127.0.0.1:{port}"], metrics_port=metrics, workers=2),
-    )
-    gateway = ("127.0.0.1", port)
+    metrics = free_port()
     with tcp_server(echo_handler) as echo:
-        child = serve_workers(spawn, config)
+        child, gateway = two_workers(tmp_path, dns, spawn, metrics)
         replies = [associate(gateway, LOOPBACK) for _ in range(CONNECTIONS)]
         assert {r.rep for r in replies} == {Rep.SUCCEEDED}
         ids = {r.address for r in replies}
@@ -167,14 +162,9 @@ def test_an_id_from_one_worker_works_on_every_worker(
 def test_a_dead_worker_is_replaced_and_only_its_clients_lose_their_sessions(
     tmp_path: Path, dns: DnsServer, spawn: Spawn
 ) -> None:
-    port, metrics = free_port(), free_port()
-    config = write_config(
-        tmp_path / "socks64.yaml",
-        gateway_config(dns.address, [f"127.0.0.1:{port}"], metrics_port=metrics, workers=2),
-    )
-    gateway = ("127.0.0.1", port)
+    metrics = free_port()
     with tcp_server(echo_handler) as echo, ExitStack() as stack:
-        child = serve_workers(spawn, config)
+        child, gateway = two_workers(tmp_path, dns, spawn, metrics)
         realid = associate(gateway, LOOPBACK).address
         assert isinstance(realid, AddressId)
         sessions = [

@@ -4,9 +4,10 @@ errors worded as the loop's own sock_connect words them (they reach the access l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
@@ -96,26 +97,32 @@ async def test_refused_answers_as_connect_happy_does() -> None:
     assert (one.value.errno, str(one.value)) == (happy.value.errno, str(happy.value))
 
 
-async def test_times_out_as_connect_happy_does() -> None:
-    # A listener whose accept queue is full drops SYNs: the connect hangs.
+@contextlib.asynccontextmanager
+async def stalled_port() -> AsyncIterator[int]:
+    """A loopback port whose listener's accept queue is full: it drops SYNs, so a connect
+    to it hangs."""
     full = socket.socket()
     full.bind(("127.0.0.1", 0))
     full.listen(0)
-    port = full.getsockname()[1]
     waiting = [socket.socket() for _ in range(3)]
     try:
         for sock in waiting:
             sock.setblocking(False)
-            sock.connect_ex(("127.0.0.1", port))
+            sock.connect_ex(full.getsockname())
         await asyncio.sleep(0.05)
-        with pytest.raises(TimeoutError) as one:
-            await connect_one(LOCAL4, port, timeout=0.2)
-        with pytest.raises(TimeoutError) as happy:
-            await connect_happy([LOCAL4], port, timeout=0.2)
+        yield full.getsockname()[1]
     finally:
         for sock in waiting:
             sock.close()
         full.close()
+
+
+async def test_times_out_as_connect_happy_does() -> None:
+    async with stalled_port() as port:
+        with pytest.raises(TimeoutError) as one:
+            await connect_one(LOCAL4, port, timeout=0.2)
+        with pytest.raises(TimeoutError) as happy:
+            await connect_happy([LOCAL4], port, timeout=0.2)
     assert one.value.errno == happy.value.errno == errno.ETIMEDOUT
     assert (
         str(one.value)
@@ -125,25 +132,12 @@ async def test_times_out_as_connect_happy_does() -> None:
 
 
 async def test_cancelled_connect_closes_its_socket() -> None:
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    port = full.getsockname()[1]
-    waiting = [socket.socket() for _ in range(3)]
-    try:
-        for sock in waiting:
-            sock.setblocking(False)
-            sock.connect_ex(("127.0.0.1", port))
-        await asyncio.sleep(0.05)
+    async with stalled_port() as port:
         attempt = asyncio.ensure_future(connect_one(LOCAL4, port, timeout=5))
         await asyncio.sleep(0.05)
         attempt.cancel()
         with pytest.raises(asyncio.CancelledError):
             await attempt
-    finally:
-        for sock in waiting:
-            sock.close()
-        full.close()
 
 
 def test_literal_text_is_the_address_text() -> None:
