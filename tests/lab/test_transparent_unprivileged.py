@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from netnslab.lab import Lab
 from netnslab.pytest_plugin import _terminate_as_interrupt, require_lab, wait_for_interception
+from netnslab.timing import poll_until
 from netnslab.topology import load_topology, parse_topology
 
 pytestmark = pytest.mark.lab
@@ -67,6 +68,10 @@ def nobody_transparent() -> Iterator[tuple[Lab, Path]]:
 
 def test_the_transparent_path_works_as_nobody(nobody_transparent: tuple[Lab, Path]) -> None:
     lab, state_file = nobody_transparent
+    # The drop comes after the interception the fixture waited for: its line may lag.
+    assert poll_until(
+        lambda: "running as nobody" in lab.log_tail("gw", "gateway", 200), timeout=10, interval=0.1
+    )
     log = lab.log_tail("gw", "gateway", 200)
     assert "running as nobody" in log and "passing CAP_NET_ADMIN to nft" in log, log
     done = lab.exec("c4", ["curl", "-sS", "--max-time", "10", "http://v6only.lab.test:8080/"])

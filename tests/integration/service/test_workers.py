@@ -275,6 +275,12 @@ def test_workers_share_a_socket_passed_by_systemd(
         for n in range(4):
             with socks_connect(activated, "127.0.0.1", echo.port) as relayed:
                 echo_round_trip(relayed, b"passed %d" % n)
+        # Every access line so far has reached us before a mark (they are written as each
+        # session ends, and read by a thread): the line after a mark is the next session's.
+        deadline = time.monotonic() + 5
+        while len(child.find(r"socks64\.access\[")) < 4:
+            assert time.monotonic() < deadline, child.output
+            time.sleep(0.05)
         for slot in (0, 1):  # each worker alone in turn (the other just died) serves it
             mark = child.mark()
             os.kill(worker_pids(child)[slot], signal.SIGKILL)
