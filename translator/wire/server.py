@@ -31,6 +31,15 @@ from typing import Final
 
 from .constants import SOCKS4_VERSION, SOCKS5_VERSION, SOCKS6_VERSION, Method, Rep, Socks4Status
 from .errors import LocalProtocolError, MessageRejected, RemoteProtocolError
+from .gssapi import (
+    ABORT,
+    MAX_TOKEN,
+    GssContextToken,
+    GssProtectionRequest,
+    GssType,
+    decode_gss_message,
+    encode_gss_message,
+)
 from .messages import (
     ControlRequest,
     Greeting,
@@ -59,6 +68,8 @@ class Phase(Enum):
     VERSION = auto()  # nothing read yet
     GREETING = auto()
     AUTH = auto()  # RFC 1929 sub-negotiation
+    GSSAPI = auto()  # RFC 1961 context establishment: tokens both ways
+    GSSAPI_LEVEL = auto()  # RFC 1961 protection-level sub-negotiation
     REQUEST = auto()  # a SOCKS 5 request (again, after ADDRESS ASSOCIATE)
     SOCKS4_REQUEST = auto()
     BIND_WAIT = auto()  # between BIND's two replies; client bytes stay buffered
@@ -95,9 +106,13 @@ class Answer(Enum):
     SOCKS6_MISMATCH = auto()  # the lone octet X'06' (profile 1)
     METHOD_NO_AUTH = auto()
     METHOD_USERNAME_PASSWORD = auto()
+    METHOD_GSSAPI = auto()
     METHOD_NO_ACCEPTABLE = auto()
     AUTH_SUCCESS = auto()
     AUTH_FAILURE = auto()
+    GSS_TOKEN = auto()  # a context token; the caller says whether the context is complete
+    GSS_LEVEL = auto()  # the agreed protection level
+    GSS_ABORT = auto()  # 01 FF
     REPLY_SUCCESS = auto()  # SOCKS 5 reply, REP X'00'
     REPLY_FAILURE = auto()  # SOCKS 5 reply, any other REP
     SOCKS4_GRANTED = auto()
@@ -116,9 +131,13 @@ _ANSWER_VERSIONS: Final[Mapping[Answer, int]] = MappingProxyType(
         Answer.SOCKS6_MISMATCH: SOCKS6_VERSION,
         Answer.METHOD_NO_AUTH: SOCKS5_VERSION,
         Answer.METHOD_USERNAME_PASSWORD: SOCKS5_VERSION,
+        Answer.METHOD_GSSAPI: SOCKS5_VERSION,
         Answer.METHOD_NO_ACCEPTABLE: SOCKS5_VERSION,
         Answer.AUTH_SUCCESS: SOCKS5_VERSION,
         Answer.AUTH_FAILURE: SOCKS5_VERSION,
+        Answer.GSS_TOKEN: SOCKS5_VERSION,
+        Answer.GSS_LEVEL: SOCKS5_VERSION,
+        Answer.GSS_ABORT: SOCKS5_VERSION,
         Answer.REPLY_SUCCESS: SOCKS5_VERSION,
         Answer.REPLY_FAILURE: SOCKS5_VERSION,
         Answer.SOCKS4_GRANTED: SOCKS4_VERSION,
@@ -133,9 +152,15 @@ TRANSITIONS: Final[Mapping[tuple[Phase, Answer], frozenset[Phase]]] = MappingPro
         (Phase.VERSION, Answer.SOCKS6_MISMATCH): frozenset({Phase.CLOSED}),
         (Phase.GREETING, Answer.METHOD_NO_AUTH): frozenset({Phase.REQUEST}),
         (Phase.GREETING, Answer.METHOD_USERNAME_PASSWORD): frozenset({Phase.AUTH}),
+        (Phase.GREETING, Answer.METHOD_GSSAPI): frozenset({Phase.GSSAPI}),
         (Phase.GREETING, Answer.METHOD_NO_ACCEPTABLE): frozenset({Phase.CLOSED}),
         (Phase.AUTH, Answer.AUTH_SUCCESS): frozenset({Phase.REQUEST}),
         (Phase.AUTH, Answer.AUTH_FAILURE): frozenset({Phase.CLOSED}),
+        # Another token while the context continues; the level next once it is complete.
+        (Phase.GSSAPI, Answer.GSS_TOKEN): frozenset({Phase.GSSAPI, Phase.GSSAPI_LEVEL}),
+        (Phase.GSSAPI, Answer.GSS_ABORT): frozenset({Phase.CLOSED}),
+        (Phase.GSSAPI_LEVEL, Answer.GSS_LEVEL): frozenset({Phase.REQUEST}),
+        (Phase.GSSAPI_LEVEL, Answer.GSS_ABORT): frozenset({Phase.CLOSED}),
         (Phase.REQUEST, Answer.REPLY_SUCCESS): frozenset(
             {
                 Phase.REQUEST,  # ADDRESS ASSOCIATE: another request follows
@@ -162,7 +187,7 @@ TRANSITIONS: Final[Mapping[tuple[Phase, Answer], frozenset[Phase]]] = MappingPro
 )
 _NONE: Final[frozenset[Phase]] = frozenset()
 # Answers after which the caller, not the protocol, says what follows.
-_CALLER_PICKS: Final = frozenset({Answer.REPLY_SUCCESS, Answer.SOCKS4_GRANTED})
+_CALLER_PICKS: Final = frozenset({Answer.REPLY_SUCCESS, Answer.SOCKS4_GRANTED, Answer.GSS_TOKEN})
 
 
 def successors(phase: Phase, answer: Answer) -> frozenset[Phase]:
@@ -175,6 +200,8 @@ _FAILURE_ANSWERS: Final[Mapping[tuple[int | None, Phase], Answer]] = MappingProx
     {
         (SOCKS5_VERSION, Phase.GREETING): Answer.METHOD_NO_ACCEPTABLE,
         (SOCKS5_VERSION, Phase.AUTH): Answer.AUTH_FAILURE,
+        (SOCKS5_VERSION, Phase.GSSAPI): Answer.GSS_ABORT,
+        (SOCKS5_VERSION, Phase.GSSAPI_LEVEL): Answer.GSS_ABORT,
         (SOCKS5_VERSION, Phase.REQUEST): Answer.REPLY_FAILURE,
         (SOCKS5_VERSION, Phase.BIND_WAIT): Answer.REPLY_FAILURE,
         (SOCKS5_VERSION, Phase.UDP_CONTROL): Answer.REPLY_FAILURE,
@@ -187,6 +214,7 @@ _FAILURE_ENCODERS: Final[Mapping[Answer, Callable[[Rep], bytes]]] = MappingProxy
     {
         Answer.METHOD_NO_ACCEPTABLE: lambda rep: MethodSelection(Method.NO_ACCEPTABLE).encode(),
         Answer.AUTH_FAILURE: lambda rep: UserPassReply(False).encode(),
+        Answer.GSS_ABORT: lambda rep: ABORT,
         Answer.REPLY_FAILURE: lambda rep: Reply(rep).encode(),
         Answer.SOCKS4_REJECTED: lambda rep: Socks4Reply(Socks4Status.REJECTED).encode(),
     }
@@ -195,6 +223,7 @@ _METHOD_ANSWERS: Final[Mapping[int, Answer]] = MappingProxyType(
     {
         Method.NO_AUTH: Answer.METHOD_NO_AUTH,
         Method.USERNAME_PASSWORD: Answer.METHOD_USERNAME_PASSWORD,
+        Method.GSSAPI: Answer.METHOD_GSSAPI,
         Method.NO_ACCEPTABLE: Answer.METHOD_NO_ACCEPTABLE,
     }
 )
@@ -227,6 +256,8 @@ class TunnelDatagram:
 Event = (
     Greeting
     | UserPassRequest
+    | GssContextToken
+    | GssProtectionRequest
     | Request
     | Socks4Request
     | ControlRequest
@@ -249,8 +280,9 @@ _HOLDING = (Phase.BIND_WAIT, Phase.HOLD)
 class ServerConnection:
     """One client connection, seen from the gateway."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_gss_token: int = MAX_TOKEN) -> None:
         self.phase = Phase.VERSION
+        self.max_gss_token = max_gss_token  # bounds the client's GSS-API context tokens
         self.version: int | None = None
         self._buffer = bytearray()
         self._owed: Phase | None = None  # phase whose message awaits our answer
@@ -285,6 +317,8 @@ class ServerConnection:
                 return message
             if phase is Phase.UDP_CONTROL:
                 return self._next_control_request()
+            if phase is Phase.GSSAPI or phase is Phase.GSSAPI_LEVEL:
+                return self._next_gss_message(phase)
             if phase is Phase.TUNNEL:
                 return self._next_tunnel_event()
         except MessageRejected:
@@ -320,6 +354,20 @@ class ServerConnection:
             self.phase = Phase.CLOSED
             raise RemoteProtocolError(f"unknown SOCKS version {version:#04x}")
         return self.next_event()
+
+    def _next_gss_message(self, phase: Phase) -> Event | Signal:
+        context = phase is Phase.GSSAPI
+        got = decode_gss_message(
+            self._buffer,
+            GssType.AUTHENTICATION if context else GssType.PROTECTION,
+            self.max_gss_token if context else MAX_TOKEN,
+        )
+        if got is None:
+            return NEED_DATA  # the header bounded the message: no _need_data check needed
+        token, used = got
+        del self._buffer[:used]
+        self._owed = phase
+        return GssContextToken(token) if context else GssProtectionRequest(token)
 
     def _next_control_request(self) -> Event | Signal:
         length = control_request_length(self._buffer)
@@ -404,6 +452,28 @@ class ServerConnection:
         _, following = self._follow(Answer.AUTH_SUCCESS if success else Answer.AUTH_FAILURE)
         self._move(following)
         return UserPassReply(success).encode()
+
+    def send_gss_token(self, token: bytes, *, then: Phase | None = None) -> bytes:
+        """Answer a context token with ours (empty when GSS-API gave none, section 3.6);
+        ``then``: GSSAPI while the context continues, GSSAPI_LEVEL once it is complete."""
+        _, following = self._follow(Answer.GSS_TOKEN, then)
+        encoded = encode_gss_message(GssType.AUTHENTICATION, token)  # may refuse: first
+        self._move(following)
+        return encoded
+
+    def send_gss_level(self, token: bytes) -> bytes:
+        """Answer the protection-level request with the agreed level, as the caller
+        wrapped it (or the bare octet to a client that sent it bare)."""
+        _, following = self._follow(Answer.GSS_LEVEL)
+        encoded = encode_gss_message(GssType.PROTECTION, token)
+        self._move(following)
+        return encoded
+
+    def send_gss_abort(self) -> bytes:
+        """Refuse the client's context or level (section 3.8); the connection closes."""
+        _, following = self._follow(Answer.GSS_ABORT)
+        self._move(following)
+        return ABORT
 
     def send_reply(self, reply: Reply, *, then: Phase | None = None) -> bytes:
         """Answer a request (or, in BIND_WAIT, send BIND's second reply).

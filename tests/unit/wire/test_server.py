@@ -593,7 +593,7 @@ OUT_OF_TURN: list[
     ("reply to greeting", _greeted, lambda c: c.send_reply(OK_V4, then=Phase.RELAY)),
     ("auth result without auth", _greeted, lambda c: c.send_auth_result(True)),
     ("socks6 mismatch to socks5", _greeted, lambda c: c.send_socks6_mismatch()),
-    ("method not implemented", _greeted, lambda c: c.send_method(Method.GSSAPI)),
+    ("method not implemented", _greeted, lambda c: c.send_method(0x80)),
     ("method twice", at_request, lambda c: c.send_method(Method.NO_AUTH)),
     ("reply with nothing owed", at_request, lambda c: c.send_reply(OK_V4, then=Phase.RELAY)),
     ("success without then", _requested, lambda c: c.send_reply(OK_V4)),
@@ -628,7 +628,7 @@ def test_socks4_success_needs_a_legal_then() -> None:
 @pytest.mark.parametrize(
     ("make", "misuse"),
     [
-        (_greeted, lambda c: c.send_method(Method.GSSAPI)),
+        (_greeted, lambda c: c.send_method(0x80)),
         (_requested, lambda c: c.send_reply(OK_V4)),
         (_requested, lambda c: c.send_reply(OK_V4, then=Phase.AUTH)),
     ],
@@ -879,6 +879,24 @@ def _authing() -> ServerConnection:
     return conn
 
 
+def _gss_context() -> ServerConnection:
+    conn = ServerConnection()
+    conn.receive_data(h("05 01 01"))
+    conn.next_event()
+    conn.send_method(Method.GSSAPI)
+    conn.receive_data(h("01 01 0002 6170"))
+    conn.next_event()
+    return conn
+
+
+def _gss_level() -> ServerConnection:
+    conn = _gss_context()
+    conn.send_gss_token(b"", then=Phase.GSSAPI_LEVEL)
+    conn.receive_data(h("01 02 0001 02"))
+    conn.next_event()
+    return conn
+
+
 def _tunnel_owing() -> ServerConnection:
     conn = _tunnel_idle()
     conn.receive_data(h("000a 00 01 00 01 c0000201 0035"))
@@ -909,6 +927,8 @@ OWING = [
     _socks6,
     _greeted,
     _authing,
+    _gss_context,
+    _gss_level,
     _requested,
     _bind_wait5,
     _udp_control,
@@ -923,6 +943,10 @@ SENDERS: dict[Answer, Send] = {
     Answer.METHOD_NO_AUTH: lambda c, then: c.send_method(Method.NO_AUTH),
     Answer.METHOD_USERNAME_PASSWORD: lambda c, then: c.send_method(Method.USERNAME_PASSWORD),
     Answer.METHOD_NO_ACCEPTABLE: lambda c, then: c.send_method(Method.NO_ACCEPTABLE),
+    Answer.METHOD_GSSAPI: lambda c, then: c.send_method(Method.GSSAPI),
+    Answer.GSS_TOKEN: lambda c, then: c.send_gss_token(b"t", then=then),
+    Answer.GSS_LEVEL: lambda c, then: c.send_gss_level(b"l"),
+    Answer.GSS_ABORT: lambda c, then: c.send_gss_abort(),
     Answer.AUTH_SUCCESS: lambda c, then: c.send_auth_result(True),
     Answer.AUTH_FAILURE: lambda c, then: c.send_auth_result(False),
     Answer.REPLY_SUCCESS: lambda c, then: c.send_reply(OK_V4, then=then),
@@ -935,7 +959,7 @@ SENDERS: dict[Answer, Send] = {
     ),
 }
 # The answers whose successor the caller picks with then=; the others ignore it.
-CALLER_PICKS = {Answer.REPLY_SUCCESS, Answer.SOCKS4_GRANTED}
+CALLER_PICKS = {Answer.REPLY_SUCCESS, Answer.SOCKS4_GRANTED, Answer.GSS_TOKEN}
 
 
 def _owing(phase: Phase, version: int) -> ServerConnection:
