@@ -150,8 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(path: str) -> int:
+    from .gss.acceptor import acceptor_for
+
     try:
         config = load_config(path)
+        acceptor_for(config)  # the keytab is read as the gateway would read it
     except ConfigError as exc:
         print(f"{path}: error: {exc}", file=sys.stderr)
         return 2

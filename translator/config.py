@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from .gss.settings import GssapiConfig, parse_gssapi
 from .keys import check_keys
 from .policy import Policy, PolicyError
 from .transparent.settings import TransparentConfig, parse_transparent
@@ -69,10 +70,14 @@ def parse_endpoint(text: str, key: str = "listen") -> Endpoint:
     return Endpoint(address.compressed, int(port_text))
 
 
+AUTH_METHODS = ("none", "username", "gssapi")  # RFC 1928 X'00', RFC 1929 X'02', RFC 1961 X'01'
+
+
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
     methods: tuple[str, ...] = ("none",)
     users_file: str | None = None
+    gssapi: GssapiConfig = field(default_factory=GssapiConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,12 +272,17 @@ def config_from_mapping(data: Mapping[str, Any] | None, source: str = "<mapping>
     if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
         raise ConfigError("auth.methods", "must be a non-empty list")
     for i, method in enumerate(methods):
-        if method not in ("none", "username"):
-            raise ConfigError(f"auth.methods[{i}]", f"unknown method {method!r} (none, username)")
+        if method not in AUTH_METHODS:
+            raise ConfigError(
+                f"auth.methods[{i}]", f"unknown method {method!r} ({', '.join(AUTH_METHODS)})"
+            )
     users_file = _optional_str(auth_raw, "users_file", "auth.users_file")
     if "username" in methods and not users_file:
         raise ConfigError("auth.users_file", "required when auth.methods has 'username'")
-    auth = AuthConfig(tuple(methods), users_file)
+    gssapi = parse_gssapi(auth_raw.get("gssapi"), ConfigError)
+    if "gssapi" in methods and not gssapi.keytab:
+        raise ConfigError("auth.gssapi.keytab", "required when auth.methods has 'gssapi'")
+    auth = AuthConfig(tuple(methods), users_file, gssapi)
 
     res_raw = _section(data, "resolver", _fields(ResolverConfig))
     nameservers = res_raw.get("nameservers") or []

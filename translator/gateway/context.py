@@ -20,6 +20,8 @@ from ipaddress import IPv4Address, ip_address
 from addrmap import FakeIpPool, Owner, Target
 from translator import policy as pol
 from translator.config import Config
+from translator.gss.acceptor import Acceptor
+from translator.gss.protection import MessageProtection
 from translator.idtable import Ids
 from translator.metrics import Metrics
 from translator.net.addresses import IPAddress, family_of, unmapped
@@ -62,6 +64,8 @@ class Services:
     peer_budgets: PeerBudgets = field(default_factory=PeerBudgets)
     #: the transparent front's fake-IP pool: a pool address in a request names its name
     pool: FakeIpPool | None = None
+    #: GSS-API acceptor credentials, when auth.methods offers gssapi
+    gssapi: Acceptor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,7 @@ class RequestContext:
         "client_ip",
         "client_port",
         "pins",
+        "protection",
         "services",
         "user",
     )
@@ -152,6 +157,8 @@ class RequestContext:
         # IPv4 on both ends): the client's family is the facing one until it is known.
         self._facing_version = client_ip.version if facing_ip is None else facing_ip.version
         self.user: str | None = None
+        #: RFC 1961 per-message protection agreed on this connection (None: none)
+        self.protection: MessageProtection | None = None
         self.pins: list[int] = []
         #: ``str(client_ip)`` when the caller has it already (the peer's text): the label
         self.client_host: str | None = None

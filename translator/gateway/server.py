@@ -25,6 +25,7 @@ from prometheus_client.metrics_core import Metric
 from addrmap import AddressTable, FakeIpPool
 from translator.auth import Credentials, CredentialsError
 from translator.config import Config, ConfigError, Endpoint
+from translator.gss.acceptor import acceptor_for
 from translator.idtable import Ids, LocalIds
 from translator.idtable.setup import redis_ids
 from translator.metrics import Metrics, table_metrics, udp_metrics
@@ -136,6 +137,7 @@ class Gateway:
         #: the sessions' ID table: this process's own, or a cache of a shared one
         self.ids = ids
         self.credentials = _credentials_for(config)
+        self.gss = acceptor_for(config)
         self.pool: FakeIpPool | None = None
         if config.transparent.enabled:
             if not isinstance(ids, LocalIds):
@@ -158,6 +160,7 @@ class Gateway:
             clock=clock,
             connect=self._connector(config),
             verify_password=self.verify_password,
+            gssapi=self.gss,
             multi=self.multi,
             multicast=self.multicast,
             udp_drop_log=RateLimitedLog(level=logging.INFO),
@@ -284,6 +287,7 @@ class Gateway:
     async def _apply(self, config: Config) -> None:
         old = self.config
         credentials = _credentials_for(config)
+        gss = acceptor_for(config)
         resolver = self.resolver
         if config.resolver != old.resolver:
             resolver = _resolver_for(config, self.clock)
@@ -312,9 +316,14 @@ class Gateway:
             self.resolver = resolver
         self.config = config
         self.credentials = credentials
+        self.gss = gss
         self.admission.limits = config.limits
         self.services = dataclasses.replace(
-            self.services, config=config, resolver=resolver, connect=self._connector(config)
+            self.services,
+            config=config,
+            resolver=resolver,
+            connect=self._connector(config),
+            gssapi=gss,
         )
         self.metrics.set_listeners(str(e) for e in self.endpoints)
         fixed = _FIXED_AT_START if self._own_listeners else (*_FIXED_AT_START, "listen", "workers")
@@ -373,6 +382,7 @@ class Gateway:
             handshaking = False
             self.admission.handshake_done(client)
 
+        session: Session | None = None
         try:
             try:
                 session = Session(services, channel, first_request)
@@ -381,6 +391,8 @@ class Gateway:
                 return
             await session.run()
         finally:
+            if session is not None and session.channel is not channel:
+                session.channel.close()  # GSS-API protection took the socket over
             channel.close()
             self.admission.release(client, handshaking=handshaking)
 

@@ -16,6 +16,9 @@ import socket
 from collections.abc import Callable
 from ipaddress import IPv4Address
 
+from translator.gss.acceptor import GssFailure
+from translator.gss.protection import ProtectedChannel
+from translator.gss.relay import relay_protected
 from translator.net.addresses import IPAddress, ip_text, sockaddr_ip
 from translator.relay.channel import Channel, ChannelClosed
 from translator.relay.listeners import BindListener
@@ -27,6 +30,8 @@ from translator.wire import (
     ControlRequest,
     Event,
     Greeting,
+    GssContextToken,
+    GssProtectionRequest,
     MessageRejected,
     Method,
     Phase,
@@ -56,7 +61,11 @@ from .udp import control, serve_udp
 
 log = logging.getLogger("socks64.session")
 
-_METHOD_BY_NAME = {"none": Method.NO_AUTH, "username": Method.USERNAME_PASSWORD}
+_METHOD_BY_NAME = {
+    "none": Method.NO_AUTH,
+    "username": Method.USERNAME_PASSWORD,
+    "gssapi": Method.GSSAPI,
+}
 _READ_SIZE = 65536
 _REQUEST_READ_SIZE = 4096  # handshake messages are small: no 64 KiB buffer per read
 
@@ -87,7 +96,7 @@ class Session:
         host = peer[0]
         if isinstance(host, str) and "." in host and ":" not in host:
             self.ctx.client_host = host  # IPv4's text from the kernel is str(client_ip)
-        self.conn = ServerConnection()
+        self.conn = ServerConnection(self.config.auth.gssapi.max_token_size)
         self._doing: object = "handshake"  # for the log when the client leaves
         self._first_read = True
         self._on_first_request = on_first_request
@@ -228,6 +237,8 @@ class Session:
             self.record.end = accesslog.REFUSED
             self.record.reason = f"no acceptable method among {sorted(offered)}"
             return False
+        if chosen == Method.GSSAPI:
+            return await self._gssapi(deadline)
         if chosen == Method.USERNAME_PASSWORD:
             event = await self._next_event(deadline)
             assert isinstance(event, UserPassRequest)
@@ -243,6 +254,50 @@ class Session:
             self.ctx.user = user
         else:
             metrics.auth_result("none", "ok")
+        return True
+
+    async def _gssapi(self, deadline: float) -> bool:
+        """RFC 1961: the context, then the protection level; from then on the channel
+        wraps and unwraps every message (levels 1 and 2)."""
+        acceptor = self.services.gssapi
+        assert acceptor is not None  # the method is chosen only when configured
+        exchange = acceptor.exchange()
+        try:
+            while True:
+                event = await self._next_event(deadline)
+                if isinstance(event, GssContextToken):
+                    answer, complete = await asyncio.to_thread(exchange.step, event.token)
+                    then = Phase.GSSAPI_LEVEL if complete else Phase.GSSAPI
+                    await self._send(self.conn.send_gss_token(answer, then=then))
+                    continue
+                assert isinstance(event, GssProtectionRequest)
+                requested, agreed, answer = exchange.agree(event.token)
+                break
+        except GssFailure as exc:
+            self.services.metrics.auth_result("gssapi", "failed")
+            self.record.end = accesslog.REFUSED
+            who = f" ({exchange.principal})" if exchange.principal else ""
+            self.record.reason = f"GSS-API authentication failed{who}: {exc}"
+            await self._fail_quietly(Rep.GENERAL_FAILURE)  # the abort, 01 FF
+            return False
+        await self._send(self.conn.send_gss_level(answer))
+        self.services.metrics.auth_result("gssapi", "ok")
+        self.ctx.user = exchange.principal
+        protection = exchange.protection(agreed)
+        log.debug(
+            "%s: GSS-API as %s, protection %s (asked %d)",
+            self.label,
+            exchange.principal,
+            agreed.name.lower(),
+            requested,
+        )
+        if protection is not None:
+            channel = ProtectedChannel.around(self.channel, protection)
+            self.channel = channel
+            self.ctx.protection = protection
+            pipelined = self.conn.take_trailing_data()  # wrapped, read with the level
+            if pipelined:
+                self.conn.receive_data(channel.open(pipelined))
         return True
 
     async def _serve_requests(self, deadline: float) -> None:
@@ -331,18 +386,22 @@ class Session:
         flow = traffic.begin_tcp(
             stats, record.client_family, record.destination_family or "ipv4", metrics
         )
-        client, watched = self.channel.hand_over()
+        channel = self.channel
+        client, watched = channel.hand_over()
         try:
-            await relay(
-                client,
-                peer,
-                idle_timeout=self.config.timeouts.idle,
-                clock=self.services.clock,
-                to_peer=trailing,
-                stats=stats,
-                client_watched=watched,
-                loop=self.channel.loop,
-            )
+            if isinstance(channel, ProtectedChannel):
+                await self._relay_protected(channel, client, peer, watched, trailing, stats)
+            else:
+                await relay(
+                    client,
+                    peer,
+                    idle_timeout=self.config.timeouts.idle,
+                    clock=self.services.clock,
+                    to_peer=trailing,
+                    stats=stats,
+                    client_watched=watched,
+                    loop=channel.loop,
+                )
         finally:  # also when the gateway stops and cancels us: the bytes moved count
             traffic.end(flow, metrics)
             record.up, record.down = stats.to_peer, stats.to_client
@@ -357,6 +416,34 @@ class Session:
                 stats.to_client,
                 " (idle timeout)" if stats.idle_timeout else "",
             )
+
+    async def _relay_protected(
+        self,
+        channel: ProtectedChannel,
+        client: socket.socket,
+        peer: socket.socket,
+        watched: bool,
+        trailing: bytes,
+        stats: RelayStats,
+    ) -> None:
+        """The copying relay that unwraps and wraps (RFC 1961 section 5)."""
+        if watched:  # the relay reads with the loop's own calls
+            channel.loop.remove_reader(client.fileno())
+        try:
+            await relay_protected(
+                client,
+                peer,
+                channel.protection,
+                deframer=channel.deframer,
+                idle_timeout=self.config.timeouts.idle,
+                clock=self.services.clock,
+                to_peer=trailing,
+                stats=stats,
+                loop=channel.loop,
+            )
+        except RemoteProtocolError as exc:  # no reply is owed in the relay: just why
+            self.record.end = accesslog.PROTOCOL_ERROR
+            self.record.reason = f"protocol error: {exc.reason}"
 
     async def _bind(self, outcome: AwaitPeer) -> None:
         """BIND: first reply, the peer (while watching the client), second reply, relay."""

@@ -59,6 +59,7 @@ def association_deps(ctx: RequestContext) -> UdpDeps:
         drop_log=services.udp_drop_log,
         peers=budgets.budget(ctx.client_ip.compressed),
         pool=services.pool,
+        sealing=ctx.protection,
     )
 
 

@@ -21,7 +21,7 @@ import struct
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from addrmap import AddrMapError
 from translator import policy as pol
@@ -147,6 +147,13 @@ class UdpDeps:
     peers: PeerBudget | None = None
     #: the transparent front's pool: its addresses name names (see client_datagram)
     pool: FakeIpPool | None = None
+    #: RFC 1961 per-message protection: the relay socket's datagrams travel wrapped
+    sealing: DatagramSealing | None = None
+
+
+class DatagramSealing(Protocol):
+    def seal_datagram(self, packet: bytes) -> bytes: ...  # ValueError: too large
+    def open_datagram(self, datagram: bytes) -> bytes: ...  # RemoteProtocolError
 
 
 class UdpAssociation:
@@ -231,8 +238,9 @@ class UdpAssociation:
         """The client-facing socket, on the address the client reached (profile 7)."""
         loop = asyncio.get_running_loop()
         facing = self.deps.facing_ip
+        receive = self.from_client if self.deps.sealing is None else self._from_client_sealed
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Receiver(self.from_client),
+            lambda: _Receiver(receive),
             local_addr=(facing.compressed, 0),
             family=family_of(facing),
         )
@@ -331,6 +339,19 @@ class UdpAssociation:
             return
         route_key = data[: len(data) - len(datagram.data)] if not datagram.frag else None
         self.client_datagram(datagram, route_key)
+
+    def _from_client_sealed(self, data: bytes, addr: tuple[object, ...]) -> None:
+        """A protected session's datagram: unwrapped first (strangers' are not)."""
+        if addr != self._client_addr and sockaddr_ip(addr) != self.client_ip:
+            self._drop("dropped_foreign", "datagram from foreign source %s", addr[0])
+            return
+        assert self.deps.sealing is not None
+        try:
+            plain = self.deps.sealing.open_datagram(data)
+        except RemoteProtocolError as exc:
+            self._drop("dropped_malformed", "client datagram rejected: %s", exc.reason)
+            return
+        self.from_client(plain, addr)
 
     def client_datagram(self, datagram: UdpDatagram, route_key: bytes | None = None) -> None:
         """A decoded datagram from the client (relay socket or tunnel). ``route_key`` is
@@ -588,7 +609,8 @@ class UdpAssociation:
         if source is None or source is _Not.YET:  # YET is never cached: for the type checker
             self._drop("dropped_unrenderable", "no way to name %s:%d for this client", peer, port)
             return
-        self._headers.put(addr, UdpDatagram(source, port, b"").encode())
+        if self.deps.sealing is None:  # a wrapped datagram has no fixed header to reuse
+            self._headers.put(addr, UdpDatagram(source, port, b"").encode())
         self.to_client(UdpDatagram(source, port, data), from_v6=peer.version == 6)
 
     def render_source(
@@ -632,6 +654,13 @@ class UdpAssociation:
             self._drop("dropped_rate", "datagram rate to client exceeded")
             return
         packet = datagram.encode()
+        sealing = self.deps.sealing
+        if sealing is not None and self.tunnel is None:  # a tunnel's channel wraps its own
+            try:
+                packet = sealing.seal_datagram(packet)
+            except ValueError:
+                self._drop("dropped", "datagram too large for the client once wrapped")
+                return
         if len(packet) > _MAX_UDP_PAYLOAD:
             self._drop("dropped", "datagram too large for the client once framed")
             return

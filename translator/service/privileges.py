@@ -7,6 +7,7 @@ import ctypes
 import grp
 import os
 import pwd
+import stat
 from collections.abc import Iterable
 
 CAP_SETGID = 6
@@ -243,3 +244,16 @@ def _capset(caps: set[int], inheritable: Iterable[int] = ()) -> None:
     if capset(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def readable_after_drop(path: str, user: str, group: str | None = None) -> bool:
+    """Whether ``path`` stays readable once :func:`drop_privileges` has made us ``user``
+    (and ``group``), with no supplementary groups: for files read after the drop."""
+    uid, _, primary_gid = _resolve_user(user)
+    gid = _resolve_group(group, user) if group is not None else primary_gid
+    mode = os.stat(path)
+    if mode.st_uid == uid:
+        return bool(mode.st_mode & stat.S_IRUSR)
+    if mode.st_gid == gid:
+        return bool(mode.st_mode & stat.S_IRGRP)
+    return bool(mode.st_mode & stat.S_IROTH)
