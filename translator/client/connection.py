@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from translator.wire import Rep
 
@@ -28,6 +28,12 @@ class ControlConnection:
         self.reader = reader
         self.writer = writer
         self._buffer = bytearray()
+        #: the connection to the gateway itself (``writer`` is a local pipe under GSS-API
+        #: protection) and, then, the protection and the tasks that apply it
+        self.network = writer
+        self.protection: Any = None
+        self.pumps: tuple[asyncio.Task[None], ...] = ()
+        self.inner_writer: asyncio.StreamWriter | None = None
 
     async def _read(self, decode: Callable[[bytearray], tuple[T, int] | None]) -> T:
         while True:
@@ -42,6 +48,16 @@ class ControlConnection:
             self._buffer += data
 
     async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.wait_closed()
+        writers = [self.writer]
+        if self.pumps:
+            for task in self.pumps:
+                task.cancel()
+            for task in self.pumps:
+                with contextlib.suppress(BaseException):
+                    await task
+            assert self.inner_writer is not None
+            writers += [self.inner_writer, self.network]
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()

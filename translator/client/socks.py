@@ -32,6 +32,7 @@ from translator.wire import (
     Command,
     Greeting,
     Method,
+    ProtectionLevel,
     Rep,
     Reply,
     Request,
@@ -42,9 +43,18 @@ from translator.wire import (
 )
 
 from .connection import ControlConnection, SocksReplyError
+from .gssapi import GssOptions, authenticate
 from .udp import UdpSession, client_udp_socket
 
-__all__ = ["Address", "AddressId", "Listener", "SocksClient", "SocksReplyError", "Stream"]
+__all__ = [
+    "Address",
+    "AddressId",
+    "GssOptions",
+    "Listener",
+    "SocksClient",
+    "SocksReplyError",
+    "Stream",
+]
 
 
 @dataclass
@@ -56,8 +66,12 @@ class Stream:
     bound: tuple[Address, int]
     peer: tuple[Address, int] | None = None
     reply_flag: int = 0
+    control: ControlConnection | None = None  # closes what carries the stream (GSS-API)
 
     async def close(self) -> None:
+        if self.control is not None:
+            await self.control.close()
+            return
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
@@ -85,6 +99,8 @@ class Listener:
 class SocksClient(ControlConnection):
     """One negotiated control connection to a SOCKS5 gateway."""
 
+    gss_level: ProtectionLevel | None = None  # the level agreed, after GSS-API
+
     @classmethod
     async def open(
         cls,
@@ -95,25 +111,34 @@ class SocksClient(ControlConnection):
         password: str | None = None,
         timeout: float = 10.0,  # noqa: ASYNC109
         local_addr: tuple[str, int] | None = None,
+        gssapi: GssOptions | None = None,
     ) -> SocksClient:
-        """Connect and negotiate; ``local_addr`` picks our source address."""
+        """Connect and negotiate; ``local_addr`` picks our source address; ``gssapi``
+        authenticates with Kerberos (RFC 1961) instead of a password or nothing."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, local_addr=local_addr), timeout
         )
         client = cls(reader, writer)
         try:
-            await asyncio.wait_for(client._negotiate(username, password), timeout)
+            await asyncio.wait_for(client._negotiate(username, password, gssapi, host), timeout)
         except BaseException:
             await client.close()
             raise
         return client
 
-    async def _negotiate(self, username: str | None, password: str | None) -> None:
+    async def _negotiate(
+        self, username: str | None, password: str | None, gss: GssOptions | None, host: str
+    ) -> None:
         methods = [Method.NO_AUTH] if username is None else [Method.USERNAME_PASSWORD]
+        if gss is not None:
+            methods = [Method.GSSAPI]
         self.writer.write(Greeting(tuple(methods)).encode())
         selection = await self._read(decode_method_selection)
         if selection.method == Method.NO_ACCEPTABLE:
             raise SocksReplyError(Rep.NOT_ALLOWED, "gateway accepted none of our methods")
+        if selection.method == Method.GSSAPI and gss is not None:
+            self.gss_level, _ = await authenticate(self, gss, host)
+            return
         if selection.method == Method.USERNAME_PASSWORD:
             assert username is not None and password is not None
             self.writer.write(UserPassRequest(username.encode(), password.encode()).encode())
@@ -137,7 +162,9 @@ class SocksClient(ControlConnection):
         if self._buffer:
             self.reader.feed_data(bytes(self._buffer))  # pushed back for the stream's user
             self._buffer.clear()
-        return Stream(self.reader, self.writer, (reply.address, reply.port), peer, reply.flag)
+        return Stream(
+            self.reader, self.writer, (reply.address, reply.port), peer, reply.flag, self
+        )
 
     # -- the extension API -------------------------------------------------------------
 
@@ -208,7 +235,7 @@ class SocksClient(ControlConnection):
             | (FLAG_UDP_USECLIENTSPORT if use_client_port else 0)
             | (FLAG_REAL_FAMILY if real_family else 0)
         )
-        sock = None if tunnel else client_udp_socket(self.writer, port)
+        sock = None if tunnel else client_udp_socket(self.network, port)
         try:
             declared: Address = IPv4Address(0)
             declared_port = 0

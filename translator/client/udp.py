@@ -51,6 +51,8 @@ class UdpSession:
         self._datagrams: asyncio.Queue[bytes] = asyncio.Queue()
         self._replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
+        #: RFC 1961: datagrams on the relay socket travel wrapped (a tunnel's are already)
+        self.sealing = None if tunnel else client.protection
 
     async def _start(self, sock: socket.socket | None) -> None:
         if self.tunnel:
@@ -63,7 +65,7 @@ class UdpSession:
         )
         relay_host = str(self.reply.address)
         if self.reply.address.__class__.__name__ == "AddressId":  # UDP+AA: the TCP peer's address
-            relay_host = self.client.writer.get_extra_info("peername")[0]
+            relay_host = self.client.network.get_extra_info("peername")[0]
         self.relay = (relay_host, self.reply.port)
         self._pump = asyncio.create_task(self._read_replies())
 
@@ -94,6 +96,8 @@ class UdpSession:
 
     async def send(self, dest: Address, port: int, data: bytes, *, frag: int = 0) -> None:
         packet = UdpDatagram(dest, port, data, frag).encode()
+        if self.sealing is not None:
+            packet = self.sealing.seal_datagram(packet)
         if self.tunnel:
             self.client.writer.write(encode_tunnel_frame(packet))
             await self.client.writer.drain()
@@ -107,7 +111,10 @@ class UdpSession:
         self.transport.sendto(packet, self.relay)
 
     async def recv(self, timeout: float = 5.0) -> UdpDatagram:  # noqa: ASYNC109
-        return decode_udp_datagram(await asyncio.wait_for(self._datagrams.get(), timeout))
+        packet = await asyncio.wait_for(self._datagrams.get(), timeout)
+        if self.sealing is not None:
+            packet = self.sealing.open_datagram(packet)
+        return decode_udp_datagram(packet)
 
     async def control(self, request: ControlRequest, timeout: float = 5.0) -> Reply:  # noqa: ASYNC109
         """Send a control channel request; raises SocksReplyError on a failure reply."""
