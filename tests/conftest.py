@@ -220,3 +220,21 @@ def redis_server() -> Iterator[RedisServer]:
         pytest.skip(message)
     with running_redis() as server:
         yield server
+
+
+from tests.krb5realm import DEBIAN_PACKAGES, KerberosLab, kerberos_lab, missing_tools  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def krb5_realm() -> Iterator[KerberosLab]:
+    """The session's loopback Kerberos realm (tickets last 1 h): rcmd/localhost (the
+    gateway's keytab), HTTP/localhost, alice and bob with ccaches; os.environ points
+    Kerberos at it for the session. Missing MIT tools: fails under CI, else skips."""
+    missing = missing_tools()
+    if missing:
+        message = f"{', '.join(missing)} not installed (Debian: {DEBIAN_PACKAGES})"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    with kerberos_lab() as lab:
+        yield lab

@@ -519,11 +519,16 @@ def test_checker_rejects_drifted_examples() -> None:
         parse_examples("```socks-example\n# t\nreplies: 05 00\n```\n")
 
 
-_CONFIG_ROW = re.compile(r"^\| `(?P<section>[a-z_]+)\.(?P<key>[a-z_0-9]+)` \| (?P<value>[^|]+) \|$")
+_CONFIG_ROW = re.compile(
+    r"^\| `(?P<section>[a-z_]+)\.(?P<key>[a-z_0-9]+(?:\.[a-z_0-9]+)*)` \| (?P<value>[^|]+) \|$"
+)
 
 
 def _config_default(section: str, key: str) -> Any:
-    return getattr(getattr(Config(), section), key)
+    value = getattr(Config(), section)
+    for part in key.split("."):  # auth.gssapi.service: a section within a section
+        value = getattr(value, part)
+    return value
 
 
 def test_configuration_defaults_in_the_doc_are_the_code_defaults() -> None:
