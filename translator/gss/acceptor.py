@@ -87,7 +87,7 @@ class Acceptor:
                     store={"keytab": keytab},
                 )
         except gssapi.exceptions.GSSError as exc:
-            what = f"a key for service {self.service!r}" if self.service else "a key"
+            what = f"key for service {self.service!r}" if self.service else "key"
             raise ValueError(f"keytab {keytab} gives no {what}: {gss_reason(exc)}") from None
 
     def exchange(self) -> Exchange:
