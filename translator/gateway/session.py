@@ -18,7 +18,7 @@ from ipaddress import IPv4Address
 
 from translator.gss.acceptor import GssFailure
 from translator.gss.protection import ProtectedChannel
-from translator.gss.relay import relay_protected
+from translator.gss.relay import relay_channel
 from translator.net.addresses import IPAddress, ip_text, sockaddr_ip
 from translator.relay.channel import Channel, ChannelClosed
 from translator.relay.listeners import BindListener
@@ -273,6 +273,9 @@ class Session:
                 assert isinstance(event, GssProtectionRequest)
                 requested, agreed, answer = exchange.agree(event.token)
                 break
+        except ClientGone:  # no ticket, or the client refused our answer (section 3.5)
+            self.record.reason = "closed by the client during GSS-API authentication"
+            raise
         except GssFailure as exc:
             self.services.metrics.auth_result("gssapi", "failed")
             self.record.end = accesslog.REFUSED
@@ -390,7 +393,19 @@ class Session:
         client, watched = channel.hand_over()
         try:
             if isinstance(channel, ProtectedChannel):
-                await self._relay_protected(channel, client, peer, watched, trailing, stats)
+                failure = await relay_channel(
+                    channel,
+                    client,
+                    peer,
+                    watched=watched,
+                    idle_timeout=self.config.timeouts.idle,
+                    clock=self.services.clock,
+                    to_peer=trailing,
+                    stats=stats,
+                )
+                if failure is not None:  # no reply is owed in the relay: just why
+                    record.end = accesslog.PROTOCOL_ERROR
+                    record.reason = f"protocol error: {failure}"
             else:
                 await relay(
                     client,
@@ -416,34 +431,6 @@ class Session:
                 stats.to_client,
                 " (idle timeout)" if stats.idle_timeout else "",
             )
-
-    async def _relay_protected(
-        self,
-        channel: ProtectedChannel,
-        client: socket.socket,
-        peer: socket.socket,
-        watched: bool,
-        trailing: bytes,
-        stats: RelayStats,
-    ) -> None:
-        """The copying relay that unwraps and wraps (RFC 1961 section 5)."""
-        if watched:  # the relay reads with the loop's own calls
-            channel.loop.remove_reader(client.fileno())
-        try:
-            await relay_protected(
-                client,
-                peer,
-                channel.protection,
-                deframer=channel.deframer,
-                idle_timeout=self.config.timeouts.idle,
-                clock=self.services.clock,
-                to_peer=trailing,
-                stats=stats,
-                loop=channel.loop,
-            )
-        except RemoteProtocolError as exc:  # no reply is owed in the relay: just why
-            self.record.end = accesslog.PROTOCOL_ERROR
-            self.record.reason = f"protocol error: {exc.reason}"
 
     async def _bind(self, outcome: AwaitPeer) -> None:
         """BIND: first reply, the peer (while watching the client), second reply, relay."""

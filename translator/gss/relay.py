@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 
 from translator.relay.tcp import RelayStats
-from translator.wire import Deframer
+from translator.wire import Deframer, RemoteProtocolError
 
-from .protection import MessageProtection
+from .protection import MessageProtection, ProtectedChannel
 
 _CLIENT_READ = 1 << 18  # several wrapped messages per read
 
@@ -95,3 +95,35 @@ async def relay_protected(
         for sock in (client, peer):
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+async def relay_channel(
+    channel: ProtectedChannel,
+    client: socket.socket,
+    peer: socket.socket,
+    *,
+    watched: bool,
+    idle_timeout: float,
+    clock: Callable[[], float],
+    to_peer: bytes,
+    stats: RelayStats,
+) -> str | None:
+    """:func:`relay_protected` for a session's channel, once handed over (``watched``: the
+    loop still watches the client for it). Returns why a message was refused, if one was."""
+    if watched:  # the relay reads with the loop's own calls
+        channel.loop.remove_reader(client.fileno())
+    try:
+        await relay_protected(
+            client,
+            peer,
+            channel.protection,
+            deframer=channel.deframer,
+            idle_timeout=idle_timeout,
+            clock=clock,
+            to_peer=to_peer,
+            stats=stats,
+            loop=channel.loop,
+        )
+    except RemoteProtocolError as exc:
+        return exc.reason
+    return None

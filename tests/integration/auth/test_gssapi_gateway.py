@@ -125,11 +125,18 @@ async def _udp_echo() -> _Echo:
 
 
 async def test_no_ticket_is_a_clear_error_and_the_gateway_serves_others(
-    krb5_realm: KerberosLab, gss_gateway: RunningGateway, echo_server: dict[str, int]
+    krb5_realm: KerberosLab,
+    gss_gateway: RunningGateway,
+    echo_server: dict[str, int],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "socks64.access")
     empty = GssOptions(host="localhost", ccache=f"FILE:{krb5_realm.no_ticket_ccache}")
-    with pytest.raises(GssError, match="GSS-API"):
+    with pytest.raises(GssError, match="GSS-API: No credentials cache found"):
         await SocksClient.open("127.0.0.1", gss_gateway.v4.port, gssapi=empty)
+    line = await _access_line(caplog)
+    assert "user=- handshake" in line
+    assert "client_gone: closed by the client during GSS-API authentication" in line
     client = await SocksClient.open(
         "127.0.0.1", gss_gateway.v4.port, gssapi=options(krb5_realm, ProtectionLevel.INTEGRITY)
     )
@@ -249,3 +256,59 @@ def test_without_the_package_gssapi_is_refused_naming_it(
     with pytest.raises(ConfigError, match=r"gssapi cannot be offered.*socks64\[gssapi\]") as error:
         acceptor_for(_config(krb5_realm))
     assert error.value.key == "auth.methods"
+
+
+# -- the rest of the protocol, wrapped ---------------------------------------------------
+
+
+async def test_a_udp_tunnel_and_its_control_requests_travel_wrapped(
+    krb5_realm: KerberosLab, gss_gateway: RunningGateway
+) -> None:
+    echo = await _udp_echo()
+    try:
+        client = await SocksClient.open(
+            "127.0.0.1",
+            gss_gateway.v4.port,
+            gssapi=options(krb5_realm, ProtectionLevel.CONFIDENTIALITY),
+        )
+        async with await client.udp_associate(tunnel=True) as udp:
+            address, port = await udp.interface_data(IPv4Address("127.0.0.1"), echo.port)
+            assert port > 0 and str(address) == "127.0.0.1"
+            await udp.send("127.0.0.1", echo.port, b"through the tunnel")
+            assert (await udp.recv()).data == b"through the tunnel"
+        assert echo.seen == [b"through the tunnel"]
+    finally:
+        echo.transport.close()
+
+
+async def test_bind_replies_and_the_peer_s_bytes_travel_wrapped(
+    krb5_realm: KerberosLab, gss_gateway: RunningGateway
+) -> None:
+    client = await SocksClient.open(
+        "127.0.0.1",
+        gss_gateway.v4.port,
+        gssapi=options(krb5_realm, ProtectionLevel.INTEGRITY),
+    )
+    listener = await client.bind(IPv4Address("127.0.0.1"))
+    host, port = listener.bound
+    peer_reader, peer_writer = await asyncio.open_connection(str(host), port)
+    stream = await listener.accept(timeout=5)
+    peer_writer.write(b"from the peer")
+    assert await asyncio.wait_for(stream.reader.readexactly(13), 5) == b"from the peer"
+    stream.writer.write(b"from the client")
+    assert await asyncio.wait_for(peer_reader.readexactly(15), 5) == b"from the client"
+    peer_writer.close()
+    await stream.close()
+
+
+async def test_a_client_that_stalls_in_the_exchange_meets_the_handshake_timeout(
+    krb5_realm: KerberosLab, make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await make_gateway(auth=gss_auth(krb5_realm), timeouts={"handshake": 0.5})
+    caplog.set_level(logging.INFO, "socks64.access")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.v4.port)
+    writer.write(b"\x05\x01\x01" + b"\x01\x01\x00\x10" + b"half a token")  # 16 announced
+    assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\x05\x01"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no abort: it timed out
+    writer.close()
+    assert "handshake timed out" in await _access_line(caplog)
