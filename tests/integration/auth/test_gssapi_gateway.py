@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import GatewayFactory, RunningGateway
+from tests.integration.auth.gss import access_lines, gss_auth
 from tests.krb5realm import KerberosLab
 from translator.client.gssapi import GssError, GssOptions
 from translator.client.socks import SocksClient, SocksReplyError
@@ -25,23 +26,13 @@ from translator.gss.acceptor import acceptor_for
 from translator.wire import AddressId, ProtectionLevel, Rep
 
 LEVELS = [ProtectionLevel.NONE, ProtectionLevel.INTEGRITY, ProtectionLevel.CONFIDENTIALITY]
-ALL = ["none", "integrity", "confidentiality"]
 
-
-def gss_auth(lab: KerberosLab, **gssapi: Any) -> dict[str, Any]:
-    return {
-        "methods": ["gssapi"],
-        "gssapi": {"keytab": str(lab.keytab), "protection": ALL, **gssapi},
-    }
 
 
 def options(lab: KerberosLab, level: ProtectionLevel, user: str = "alice", **kw: Any) -> GssOptions:
     return GssOptions(host="localhost", protection=level, ccache=f"FILE:{lab.ccache(user)}", **kw)
 
 
-@pytest.fixture
-async def gss_gateway(krb5_realm: KerberosLab, make_gateway: GatewayFactory) -> RunningGateway:
-    return await make_gateway(auth=gss_auth(krb5_realm))
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda level: level.name.lower())
@@ -65,18 +56,11 @@ async def test_connect_at_each_level_carries_the_bytes_both_ways(
     echoed = await asyncio.wait_for(stream.reader.readexactly(len(payload)), 10)
     assert echoed == payload
     await stream.close()
-    line = await _access_line(caplog)
+    line = (await access_lines(caplog))[0]
     assert f"user={krb5_realm.principal('alice')} CONNECT" in line
     assert f"up={len(payload)} down={len(payload)}" in line
 
 
-async def _access_line(caplog: pytest.LogCaptureFixture, count: int = 1) -> str:
-    for _ in range(200):
-        lines = [r.getMessage() for r in caplog.records if r.name == "socks64.access"]
-        if len(lines) >= count:
-            return lines[count - 1]
-        await asyncio.sleep(0.02)
-    raise AssertionError("no access line")
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda level: level.name.lower())
@@ -134,7 +118,7 @@ async def test_no_ticket_is_a_clear_error_and_the_gateway_serves_others(
     empty = GssOptions(host="localhost", ccache=f"FILE:{krb5_realm.no_ticket_ccache}")
     with pytest.raises(GssError, match="GSS-API: No credentials cache found"):
         await SocksClient.open("127.0.0.1", gss_gateway.v4.port, gssapi=empty)
-    line = await _access_line(caplog)
+    line = (await access_lines(caplog))[0]
     assert "user=- handshake" in line
     assert "client_gone: closed by the client during GSS-API authentication" in line
     client = await SocksClient.open(
@@ -172,7 +156,7 @@ async def test_a_user_rule_allows_one_principal_and_denies_another(
         await client.connect("127.0.0.1", echo_server["v4"])
     assert refused.value.rep == Rep.NOT_ALLOWED
     await client.close()
-    line = await _access_line(caplog, 2)
+    line = (await access_lines(caplog, 2))[1]
     assert f"user={bob} CONNECT" in line and "REP 2" in line
 
 
@@ -311,4 +295,4 @@ async def test_a_client_that_stalls_in_the_exchange_meets_the_handshake_timeout(
     assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\x05\x01"
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no abort: it timed out
     writer.close()
-    assert "handshake timed out" in await _access_line(caplog)
+    assert "handshake timed out" in (await access_lines(caplog))[0]

@@ -9,28 +9,14 @@ import asyncio
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import rfc1961client as rfc
 from tests.conftest import HTTP_BODY, GatewayFactory, RunningGateway
+from tests.integration.auth.gss import access_lines, gss_auth
 from tests.krb5realm import EXPIRY_MARGIN, KerberosLab
-
-ALL_LEVELS = ["none", "integrity", "confidentiality"]
-
-
-def gss_auth(lab: KerberosLab, keytab: Path | None = None, **gssapi: Any) -> dict[str, Any]:
-    return {
-        "methods": ["gssapi"],
-        "gssapi": {"keytab": str(keytab or lab.keytab), "protection": ALL_LEVELS, **gssapi},
-    }
-
-
-@pytest.fixture
-async def gss_gateway(krb5_realm: KerberosLab, make_gateway: GatewayFactory) -> RunningGateway:
-    return await make_gateway(auth=gss_auth(krb5_realm))
 
 
 def proxy_of(gateway: RunningGateway, listener: str = "v4") -> tuple[str, int]:
@@ -38,14 +24,6 @@ def proxy_of(gateway: RunningGateway, listener: str = "v4") -> tuple[str, int]:
     return endpoint.host, endpoint.port
 
 
-async def access_lines(caplog: pytest.LogCaptureFixture, count: int) -> list[str]:
-    """The first ``count`` access lines, once they are all there."""
-    for _ in range(250):
-        lines = [r.getMessage() for r in caplog.records if r.name == "socks64.access"]
-        if len(lines) >= count:
-            return lines
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"fewer than {count} access lines: {lines}")
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])
@@ -92,7 +70,9 @@ async def test_curl_authenticates_with_its_ticket(
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     out, err = await process.communicate()
-    if process.returncode and b"per-message authentication is not supported" in err:
+    # curl 7.88 fails on the method reply itself, with one message or the other.
+    bug = (b"per-message authentication is not supported", b"Undocumented SOCKS5 mode")
+    if process.returncode == 97 and any(words in err for words in bug):
         pytest.skip(
             f"{curl_version()} has the SOCKS5 GSS-API state bug (forgets it offered GSS-API"
             " when the method reply comes in a later read): curl cannot be the client here"
