@@ -276,6 +276,9 @@ class Session:
         except ClientGone:  # no ticket, or the client refused our answer (section 3.5)
             self.record.reason = "closed by the client during GSS-API authentication"
             raise
+        except RemoteProtocolError:  # an oversized token, a level that does not unwrap
+            self.services.metrics.auth_result("gssapi", "failed")
+            raise
         except GssFailure as exc:
             self.services.metrics.auth_result("gssapi", "failed")
             self.record.end = accesslog.REFUSED

@@ -144,6 +144,17 @@ async def test_service_any_accepts_whatever_key_the_keytab_holds(
 # -- refusals: one line each, and the next client is served --------------------------
 
 
+def auth_counts(gateway: RunningGateway) -> dict[str, float | None]:
+    """socks64_auth_total{method="gssapi"} by result, as a scrape would show it."""
+    registry = gateway.gateway.metrics.registry
+    return {
+        result: registry.get_sample_value(
+            "socks64_auth_total", {"method": "gssapi", "result": result}
+        )
+        for result in ("ok", "failed")
+    }
+
+
 async def refused_then_served(
     lab: KerberosLab,
     gateway: RunningGateway,
@@ -190,6 +201,7 @@ async def test_a_ticket_for_another_service_is_refused(
     )
     assert "GSS-API authentication failed" in line
     assert "HTTP/localhost@SOCKS64.TEST not found in keytab" in line
+    assert auth_counts(gss_gateway) == {"ok": 1, "failed": 1}
 
 
 async def test_an_expired_ticket_is_refused(
@@ -233,6 +245,7 @@ async def test_a_token_over_the_bound_is_refused_from_its_header(
         krb5_realm, gateway, http_servers, caplog, attempt, rfc.GatewayAbort
     )
     assert "GSS-API token of 4097 octets exceeds the bound of 4096" in line
+    assert auth_counts(gateway) == {"ok": 1, "failed": 1}
 
 
 async def test_a_token_that_is_not_kerberos_is_refused(
