@@ -16,7 +16,14 @@ from typing import Any
 
 from translator.gss.acceptor import context_class, load_gssapi
 from translator.gss.protection import MessageProtection, gss_reason
-from translator.wire import Deframer, GssType, ProtectionLevel, Rep, decode_gss_message
+from translator.wire import (
+    Deframer,
+    GssType,
+    ProtectionLevel,
+    RemoteProtocolError,
+    Rep,
+    decode_gss_message,
+)
 from translator.wire.gssapi import encode_gss_message
 
 from .connection import ControlConnection, SocksReplyError
@@ -107,8 +114,8 @@ async def _read_gss(conn: ControlConnection, mtyp: GssType) -> bytes:
         return await conn._read(lambda buffer: decode_gss_message(buffer, mtyp))
     except ConnectionError:
         raise GssError("GSS-API: the gateway closed the connection (refused)") from None
-    except Exception as exc:  # RemoteProtocolError: the abort, 01 FF, among them
-        raise GssError(f"GSS-API: {exc}") from None
+    except RemoteProtocolError as exc:  # the abort, 01 FF, among them
+        raise GssError(f"GSS-API: {exc.reason}") from None
 
 
 async def protect(conn: ControlConnection, protection: MessageProtection) -> None:
